@@ -1,0 +1,236 @@
+"""Batched generation with a transformers causal LM: KV cache, shared-prefix prefill, stop strings.
+
+`generate_batch` takes requests of different lengths and returns, for each, the sampled tokens and
+their log-probabilities. What makes it fast on a CPU:
+
+- The prefix shared by all requests (system prompt, tools) is computed once; requests with the same
+  remaining prompt (the G samples of a group) share one prefill, then the cache is gathered per row.
+- The KV cache grows into preallocated buffers instead of concatenating a new tensor every step.
+- Rows that finish are dropped from the batch (compaction), so late rows do not pay for early ones.
+- Sampling draws one uniform number per row from the row's own generator (inverse CDF), so a row's
+  sample depends on its seed and logits only, not on the other rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from tirl.backends.base import Completion, GenerationRequest
+
+
+class _GrowingLayer(DynamicLayer):
+    """A DynamicLayer that appends into buffers of doubling capacity (no per-step torch.cat)."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self._kbuf: torch.Tensor | None = None
+        self._vbuf: torch.Tensor | None = None
+        self._len = 0
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n, add = self._len, key_states.shape[-2]
+        if self._kbuf is None or n + add > self._kbuf.shape[-2]:
+            self._grow(key_states, value_states, n + add)
+        self._kbuf[:, :, n:n + add] = key_states
+        self._vbuf[:, :, n:n + add] = value_states
+        self._len = n + add
+        self._refresh()
+        return self.keys, self.values
+
+    def _grow(self, k: torch.Tensor, v: torch.Tensor, needed: int) -> None:
+        cap = max(64, 2 * needed)
+        kb = k.new_empty(k.shape[0], k.shape[1], cap, k.shape[3])
+        vb = v.new_empty(v.shape[0], v.shape[1], cap, v.shape[3])
+        if self._len:
+            kb[:, :, :self._len] = self._kbuf[:, :, :self._len]
+            vb[:, :, :self._len] = self._vbuf[:, :, :self._len]
+        self._kbuf, self._vbuf = kb, vb
+
+    def _refresh(self) -> None:
+        self.keys = self._kbuf[:, :, :self._len]
+        self.values = self._vbuf[:, :, :self._len]
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self._len:
+            self._kbuf, self._vbuf = self._kbuf[indices], self._vbuf[indices]
+            self._refresh()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self._len:
+            self._kbuf = self._kbuf.repeat_interleave(repeats, 0)
+            self._vbuf = self._vbuf.repeat_interleave(repeats, 0)
+            self._refresh()
+
+
+def new_cache(model) -> DynamicCache:
+    """A DynamicCache whose full-attention layers grow in place (sliding-window layers untouched)."""
+    cache = DynamicCache(config=model.config)
+    cache.layers = [_GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
+@dataclass
+class _Row:
+    """Decoding state of one request."""
+
+    request: GenerationRequest
+    generator: torch.Generator
+    budget: int
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish: str | None = None
+
+
+def common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the longest prefix shared by all sequences."""
+    first = seqs[0]
+    n = min(len(s) for s in seqs)
+    for i in range(n):
+        t = first[i]
+        if any(s[i] != t for s in seqs):
+            return i
+    return n
+
+
+class HFEngine:
+    """Synchronous batched generation for one model (see module docstring)."""
+
+    def __init__(self, model, tokenizer, stop_token_ids: Sequence[int], max_context: int,
+                 compact_fraction: float = 0.25):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.stop_token_ids = frozenset(int(t) for t in stop_token_ids)
+        self.max_context = max_context
+        self.compact_fraction = compact_fraction
+        self.device = next(model.parameters()).device
+        self.tokens_generated = 0
+
+    @torch.no_grad()
+    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
+        """Generate every request to its end; order of the output matches the input."""
+        rows = [self._new_row(r) for r in requests]
+        live = [i for i, r in enumerate(rows) if r.budget > 0]
+        for i, r in enumerate(rows):
+            if r.budget <= 0:
+                r.finish = "length"
+        if live:
+            self._run(rows, live)
+        return [Completion(tuple(r.tokens), tuple(r.logprobs), r.finish or "length") for r in rows]
+
+    def _new_row(self, request: GenerationRequest) -> _Row:
+        gen = torch.Generator(device="cpu").manual_seed(request.seed)
+        budget = min(request.max_new_tokens, self.max_context - len(request.prompt_ids))
+        return _Row(request, gen, budget)
+
+    def _run(self, rows: list[_Row], live: list[int]) -> None:
+        cache = new_cache(self.model)
+        prompts = [rows[i].request.prompt_ids for i in live]
+        logits, attn, next_pos = self._prefill(prompts, cache)
+        active = list(live)  # row indices, aligned with the batch dimension
+        finished_since_compact = 0
+        while True:
+            tokens = self._sample([rows[i] for i in active], logits)
+            for i, tok in zip(active, tokens):
+                if rows[i].finish is None and self._append(rows[i], tok):
+                    finished_since_compact += 1
+            keep = [k for k, i in enumerate(active) if rows[i].finish is None]
+            if not keep:
+                return
+            if finished_since_compact and finished_since_compact >= self.compact_fraction * len(active):
+                idx = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(idx)
+                attn, next_pos = attn[idx], next_pos[idx]
+                tokens = [tokens[k] for k in keep]
+                active = [active[k] for k in keep]
+                finished_since_compact = 0
+            step_ids = torch.tensor(tokens, device=self.device).unsqueeze(1)
+            attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1)
+            out = self.model(input_ids=step_ids, attention_mask=attn, position_ids=next_pos.unsqueeze(1),
+                             past_key_values=cache, use_cache=True)
+            next_pos = next_pos + 1
+            logits = out.logits[:, -1].float()
+
+    def _prefill(self, prompts: list[tuple[int, ...]], cache: DynamicCache):
+        """Fill the cache for all prompts; returns last-position logits, 2D attention mask, next positions."""
+        c = min(common_prefix_len(prompts), min(len(p) for p in prompts) - 1)
+        if c > 0:
+            self.model(input_ids=torch.tensor([prompts[0][:c]], device=self.device), past_key_values=cache,
+                       use_cache=True, logits_to_keep=1)
+        suffixes = [tuple(p[c:]) for p in prompts]
+        unique: dict[tuple[int, ...], int] = {}
+        row_to_unique = [unique.setdefault(s, len(unique)) for s in suffixes]
+        uniq = list(unique)
+        if c > 0:
+            cache.batch_repeat_interleave(len(uniq))
+        width = max(len(s) for s in uniq)
+        ids = torch.full((len(uniq), width), 0, dtype=torch.long)
+        suffix_mask = torch.zeros((len(uniq), width), dtype=torch.long)
+        pos = torch.zeros((len(uniq), width), dtype=torch.long)
+        for u, s in enumerate(uniq):
+            ids[u, width - len(s):] = torch.tensor(s)
+            suffix_mask[u, width - len(s):] = 1
+            pos[u, width - len(s):] = torch.arange(c, c + len(s))
+        attn = torch.cat([torch.ones((len(uniq), c), dtype=torch.long), suffix_mask], dim=1).to(self.device)
+        out = self.model(input_ids=ids.to(self.device), attention_mask=attn, position_ids=pos.to(self.device),
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        index = torch.tensor(row_to_unique, device=self.device)
+        if len(uniq) != len(prompts) or row_to_unique != list(range(len(uniq))):
+            cache.batch_select_indices(index)
+        next_pos = torch.tensor([len(p) for p in prompts], device=self.device)
+        return out.logits[:, -1].float()[index], attn[index], next_pos
+
+    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
+        """One token per row; records its log-probability under softmax(logits / temperature)."""
+        out: list[int] = []
+        for k, row in enumerate(rows):
+            if row.finish is not None:  # waiting to be compacted away; its token is never used
+                out.append(0)
+                continue
+            sp = row.request.sampling
+            if sp.temperature <= 0:
+                logp = torch.log_softmax(logits[k], dim=-1)
+                tok = int(torch.argmax(logp))
+            else:
+                logp = torch.log_softmax(logits[k] / sp.temperature, dim=-1)
+                probs = _nucleus(logp.exp(), sp.top_p)
+                cdf = torch.cumsum(probs, dim=0)
+                u = torch.rand(1, generator=row.generator) * cdf[-1]
+                tok = min(int(torch.searchsorted(cdf, u)), cdf.shape[0] - 1)
+            row.logprobs.append(float(logp[tok]))
+            out.append(tok)
+        return out
+
+    def _append(self, row: _Row, tok: int) -> bool:
+        """Add a sampled token; returns True when the row just finished."""
+        row.tokens.append(tok)
+        self.tokens_generated += 1
+        if tok in self.stop_token_ids:
+            row.finish = "eos"
+        elif row.request.stop_strings and self._hit_stop(row):
+            row.finish = "stop"
+        elif len(row.tokens) >= row.budget:
+            row.finish = "length"
+        return row.finish is not None
+
+    def _hit_stop(self, row: _Row) -> bool:
+        longest = max(len(s) for s in row.request.stop_strings)
+        tail = self.tokenizer.decode(row.tokens[-longest:], skip_special_tokens=False)
+        return any(s in tail for s in row.request.stop_strings)
+
+
+def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Zero out tokens outside the smallest set whose mass reaches top_p (top_p >= 1: unchanged)."""
+    if top_p >= 1.0:
+        return probs
+    sorted_p, order = torch.sort(probs, descending=True)
+    keep = torch.cumsum(sorted_p, dim=0) - sorted_p < top_p
+    mask = torch.zeros_like(probs, dtype=torch.bool)
+    mask[order[keep]] = True
+    return torch.where(mask, probs, torch.zeros_like(probs))

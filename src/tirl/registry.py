@@ -1,0 +1,88 @@
+"""A name -> object registry: the one extension mechanism of tirl (DESIGN.md section 5).
+
+A duplicate name raises; an unknown name raises and lists the valid names; `module:attr` paths
+load user objects without registering them. Standard library only.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class RegistryError(KeyError):
+    """A registry lookup or registration failed; the message says why."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; we want it plain
+        return str(self.args[0]) if self.args else ""
+
+
+class Registry(Generic[T]):
+    """Maps names to plain functions or classes of one kind (`what` names the kind in errors)."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self._items: dict[str, T] = {}
+        self._docs: dict[str, str] = {}
+
+    def register(self, name: str, doc: str | None = None) -> Callable[[T], T]:
+        """Decorator that registers the decorated object under `name`."""
+
+        def deco(obj: T) -> T:
+            self.add(name, obj, doc)
+            return obj
+
+        return deco
+
+    def add(self, name: str, obj: T, doc: str | None = None) -> None:
+        """Register `obj` under `name`; raises if the name is taken."""
+        if name in self._items:
+            raise RegistryError(f"{self.what} {name!r} is already registered")
+        self._items[name] = obj
+        self._docs[name] = doc if doc is not None else _first_line(getattr(obj, "__doc__", None))
+
+    def get(self, name: str) -> T:
+        """The object registered as `name`, or loaded from a `module:attr` path."""
+        if name in self._items:
+            return self._items[name]
+        if ":" in name:
+            return load_object(name, self.what)
+        valid = ", ".join(sorted(self._items)) or "(none)"
+        raise RegistryError(f"unknown {self.what} {name!r}; valid names: {valid} (or a 'module:attr' path)")
+
+    def describe(self) -> dict[str, str]:
+        """Name -> one-line description, sorted by name."""
+        return {k: self._docs[k] for k in sorted(self._items)}
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._items))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def load_object(path: str, what: str = "object"):
+    """Import `module:attr` (attr may be dotted) and return the attribute."""
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise RegistryError(f"{what} path {path!r} must look like 'package.module:attribute'")
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as e:
+        raise RegistryError(f"cannot import module {module_name!r} for {what} {path!r}: {e}") from e
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError as e:
+            raise RegistryError(f"module {module_name!r} has no attribute {attr!r} (for {what} {path!r})") from e
+    return obj
+
+
+def _first_line(doc: str | None) -> str:
+    return (doc or "").strip().splitlines()[0].strip() if (doc or "").strip() else ""

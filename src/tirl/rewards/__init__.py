@@ -1,0 +1,17 @@
+"""Reward functions, registered in `REWARDS` by name; importing this package registers the built-ins."""
+
+from tirl.rewards import answer
+from tirl.rewards.answer import answers_match, extract_answer, parse_number
+from tirl.rewards.base import REWARDS, GroupContext, RewardFn, RewardResult, score
+
+__all__ = [
+    "REWARDS",
+    "GroupContext",
+    "RewardFn",
+    "RewardResult",
+    "answer",
+    "answers_match",
+    "extract_answer",
+    "parse_number",
+    "score",
+]

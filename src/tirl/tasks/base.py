@@ -1,0 +1,66 @@
+"""What a task is: problems with gold answers, reference solutions for SFT, and prompts.
+
+A task knows nothing about chat markup or tokens: it speaks in `Message`s and `ToolCall`s. The chat
+format turns those into tokens; the env runs the tools; the reward function scores the outcome.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from tirl.registry import Registry
+from tirl.types import ToolCall
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem of a task."""
+
+    id: str
+    """Stable identifier (same problem -> same id across runs and machines)."""
+    question: str
+    """The user message."""
+    answer: str
+    """The gold answer, as a canonical string (for arithmetic: an integer such as '178377')."""
+    reference_calls: tuple[ToolCall, ...] = ()
+    """A correct sequence of tool calls (one per turn), used to build SFT traces; may be empty."""
+    info: Mapping[str, Any] = field(default_factory=dict)
+    """Task-specific facts (level, template, expression, ...), kept in trajectories' metadata."""
+
+
+class Task(ABC):
+    """A family of problems. Subclasses are registered in `TASKS` by name."""
+
+    name: str = ""
+    """Registry name."""
+    default_tools: tuple[str, ...] = ()
+    """Names of the tools the task is meant to be solved with."""
+    default_reward: str = ""
+    """Name of the reward function (in `tirl.rewards.REWARDS`) that scores this task."""
+
+    @abstractmethod
+    def system_prompt(self, with_tools: bool) -> str:
+        """Instructions for the model; `with_tools=False` is the no-tool baseline's variant."""
+
+    @abstractmethod
+    def train_problem(self, index: int) -> Problem:
+        """The index-th training problem of a deterministic stream (fixed by the task's seed)."""
+
+    @abstractmethod
+    def heldout(self) -> list[Problem]:
+        """The fixed held-out evaluation split; disjoint from every training and SFT problem."""
+
+    def sft_problems(self, count: int) -> list[Problem]:
+        """Problems with `reference_calls` for the SFT cold start (narrow on purpose); default none."""
+        raise NotImplementedError(f"task {self.name!r} has no SFT traces")
+
+    def final_answer_text(self, problem: Problem) -> str:
+        """How a correct final assistant message looks (used for SFT traces)."""
+        return f"<answer>{problem.answer}</answer>"
+
+
+TASKS: Registry[type[Task]] = Registry("task")
+"""Task classes by name; `task.name` in a recipe picks one, `task.kwargs` go to its constructor."""
