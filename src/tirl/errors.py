@@ -23,3 +23,7 @@ class ResumeError(TirlError):
 
 class StalledError(TirlError):
     """Something made no progress for longer than its watchdog allows."""
+
+
+class InvariantError(TirlError):
+    """A DESIGN.md invariant was violated at runtime (a bug in tirl or in a user extension)."""

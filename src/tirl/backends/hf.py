@@ -1,0 +1,47 @@
+"""The `hf` backend: transformers generation in-process, batched across concurrent trajectories.
+
+It owns its own copy of the policy in the generation dtype (bfloat16 where the hardware runs it fast),
+refreshed from the trainer's weights by `update_weights` after every optimizer step.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+import torch
+
+from tirl.backends.base import Completion, GenerationRequest
+from tirl.backends.batching import BarrierBatcher
+from tirl.backends.hf_engine import HFEngine
+
+
+class HFBackend:
+    """Generator over a transformers causal LM (see module docstring)."""
+
+    def __init__(self, model, tokenizer, stop_token_ids: list[int], max_context: int, max_batch_size: int = 64):
+        model.eval()
+        self.model = model
+        self.engine = HFEngine(model, tokenizer, stop_token_ids, max_context)
+        self.batcher = BarrierBatcher(self.engine.generate_batch, max_batch_size)
+
+    async def generate(self, request: GenerationRequest) -> Completion:
+        return await self.batcher.submit(request)
+
+    def participant(self) -> AbstractAsyncContextManager:
+        return self.batcher.participant()
+
+    @torch.no_grad()
+    def update_weights(self, state_dict: dict[str, Any]) -> None:
+        """Copy new weights in (cast to this model's dtype); every parameter must be present."""
+        missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
+        if unexpected or [k for k in missing if not _is_tied(self.model, k)]:
+            raise ValueError(f"weight update does not match the generation model: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+
+    def close(self) -> None:
+        self.batcher.close()
+
+
+def _is_tied(model, key: str) -> bool:
+    return key == "lm_head.weight" and bool(getattr(model.config, "tie_word_embeddings", False))

@@ -1,0 +1,231 @@
+"""Typed configuration: every default of tirl lives here.
+
+A recipe (YAML) and `key.sub=value` command-line overrides only change these defaults. Unknown keys
+and bad values are errors that name the key (`ConfigError`), raised before any work starts.
+`tirl train` with no recipe runs `Config()`: the embedded default (eval -> SFT -> eval -> GRPO -> eval
+on the arithmetic task with SmolLM2-135M-Instruct).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tirl.errors import ConfigError
+from tirl.models.embedded import DEFAULT_MODEL
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunConfig(_Section):
+    name: str = Field("default", description="Run name; the run directory defaults to runs/<name>.")
+    dir: str | None = Field(None, description="Run directory (default: runs/<name>). Re-running resumes it.")
+    seed: int = Field(0, description="Fixes data order, sampling and initialisation.")
+    device: str = Field("auto", description="auto (cuda if available, else cpu), cpu, cuda, cuda:N.")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores).")
+    tensorboard: bool = Field(True, description="Also write TensorBoard events.")
+
+
+class LoraConfig(_Section):
+    enabled: bool = False
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: str | list[str] = "all-linear"
+
+
+class ModelConfig(_Section):
+    name: str = Field(DEFAULT_MODEL, description="embedded:<name>, a local directory, or a Hub id.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Compute dtype (autocast for training, weights for generation). auto: bfloat16 "
+                            "where the CPU/GPU runs it natively, else float32.")
+    attn_implementation: str = Field("auto", description="auto: eager on CPU, sdpa on GPU.")
+    chat_template: str = Field("auto", description="auto, model, chatml-tools, or a .jinja path.")
+    max_context: int | None = Field(None, ge=16, description="Cap on prompt+response tokens.")
+    lora: LoraConfig = LoraConfig()
+
+
+class TaskConfig(_Section):
+    name: str = Field("arithmetic", description="Task name (see `tirl envs`) or module:attr.")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Passed to the task's constructor.")
+    tools: list[str] | None = Field(None, description="Tool names (default: the task's own).")
+    reward: str | None = Field(None, description="Reward name (default: the task's own).")
+
+
+class RolloutConfig(_Section):
+    group_size: int = Field(8, ge=1, description="G: samples per prompt.")
+    prompts_per_step: int = Field(6, ge=1, description="Prompts (groups) per RL step.")
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_turns: int = Field(4, ge=1)
+    max_tool_calls: int = Field(4, ge=0)
+    max_new_tokens_per_turn: int = Field(96, ge=1)
+    max_new_tokens: int = Field(256, ge=1, description="Sampled tokens per trajectory, all turns.")
+    tool_timeout_s: float = Field(10.0, gt=0)
+    max_tool_output_chars: int = Field(1000, ge=16)
+    max_batch_size: int = Field(64, ge=1, description="Generation batch size (hf backend).")
+    stall_timeout_s: float = Field(600.0, gt=0, description="Abort a rollout after this long without progress.")
+    check_invariants: bool = Field(True, description="Token-in/token-out checks on every trajectory.")
+
+
+class AlgorithmConfig(_Section):
+    advantage: str = Field("grpo", description="Advantage estimator (see `tirl algos`).")
+    advantage_kwargs: dict[str, Any] = Field(default_factory=dict)
+    loss: str = Field("ppo_clip", description="Policy loss (see `tirl algos`).")
+    loss_kwargs: dict[str, Any] = Field(default_factory=dict)
+    aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                         "seq-mean-token-sum-norm"] = "token-mean"
+    kl_coef: float = Field(0.0, ge=0.0, description="KL-to-reference weight in the loss (0: no reference model).")
+    kl_estimator: str = Field("k3", description="k1, k2, k3, abs, with optional '+' (straight-through).")
+    entropy_coef: float = Field(0.0, description="Entropy bonus weight (0: entropy only logged).")
+    epochs: int = Field(1, ge=1, description="Passes over each rollout batch.")
+    minibatches: int = Field(1, ge=1, description="Optimizer steps per pass.")
+
+
+class OptimConfig(_Section):
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    max_grad_norm: float | None = Field(1.0, gt=0)
+
+
+class RLConfig(_Section):
+    enabled: bool = True
+    steps: int = Field(30, ge=1)
+    optim: OptimConfig = OptimConfig(lr=2e-5)
+    micro_batch_size: int | None = Field(None, ge=1, description="Rows per forward (default: group size).")
+    save_every: int = Field(5, ge=1, description="Checkpoint every N steps (and at the end).")
+    keep_checkpoints: int = Field(1, ge=1)
+    save_trajectories: bool = True
+
+
+class SFTConfig(_Section):
+    enabled: bool = True
+    examples: int = Field(128, ge=1, description="Traces generated by the task (narrow on purpose).")
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(8, ge=1)
+    micro_batch_size: int | None = Field(None, ge=1)
+    optim: OptimConfig = OptimConfig(lr=1e-4, warmup_steps=2)
+    save_every: int = Field(8, ge=1)
+    keep_checkpoints: int = Field(1, ge=1)
+
+
+class EvalConfig(_Section):
+    size: int | None = Field(None, ge=1, description="Held-out problems used (default: the whole split).")
+    samples: int = Field(1, ge=1, description="k samples per problem.")
+    temperature: float = Field(0.0, ge=0.0, description="0: greedy.")
+    no_tools: bool = Field(True, description="Also evaluate without tools (what tools bring).")
+
+
+class PipelineConfig(_Section):
+    eval_before: bool = Field(True, description="Evaluate the starting model.")
+    sft: bool = Field(True, description="SFT cold start.")
+    eval_after_sft: bool = True
+    rl: bool = Field(True, description="RL (GRPO by default).")
+    eval_after: bool = True
+
+
+class Config(_Section):
+    run: RunConfig = RunConfig()
+    model: ModelConfig = ModelConfig()
+    task: TaskConfig = TaskConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    rl: RLConfig = RLConfig()
+    sft: SFTConfig = SFTConfig()
+    eval: EvalConfig = EvalConfig()
+    pipeline: PipelineConfig = PipelineConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        if self.rollout.max_new_tokens_per_turn > self.rollout.max_new_tokens:
+            raise ValueError("rollout.max_new_tokens_per_turn cannot exceed rollout.max_new_tokens")
+        return self
+
+    def run_dir(self) -> Path:
+        return Path(self.run.dir) if self.run.dir else Path("runs") / self.run.name
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- recipe YAML <- `key.sub=value` overrides; every error names the key."""
+    data: dict[str, Any] = {}
+    if recipe is not None:
+        data = _read_yaml(Path(recipe))
+    for item in overrides:
+        _set_path(data, *_parse_override(item))
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_explain(e, data)) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"recipe {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {str(path)!r} must be a mapping of sections (run, model, task, ...)")
+    return data
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} must look like section.key=value (e.g. rl.steps=10)")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {'.'.join(path)}: {part!r} is a value, not a section")
+        node = nxt
+    node[path[-1]] = value
+
+
+def _explain(error: ValidationError, data: dict[str, Any]) -> str:
+    lines = []
+    for err in error.errors(include_url=False):
+        loc = ".".join(str(x) for x in err["loc"])
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{loc}: unknown key{_suggest(err['loc'])}")
+        else:
+            got = f" (got {err['input']!r})" if not isinstance(err.get("input"), dict) else ""
+            lines.append(f"{loc or 'config'}: {err['msg']}{got}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _suggest(loc: tuple) -> str:
+    model: Any = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) if hasattr(model, "model_fields") else None
+        if field is None:
+            return ""
+        model = field.annotation
+    names = list(getattr(model, "model_fields", {}))
+    close = difflib.get_close_matches(str(loc[-1]), names, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f" (valid keys: {', '.join(names)})"

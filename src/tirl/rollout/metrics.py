@@ -1,0 +1,41 @@
+"""Summary statistics of trajectories, shared by training steps and evaluation."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+from tirl.types import StopReason, ToolStatus, Trajectory
+
+
+def trajectory_metrics(trajs: Sequence[Trajectory]) -> dict[str, float]:
+    """Reward, accuracy, tool use, error rates by status, stop reasons, lengths (all means/rates)."""
+    n = len(trajs)
+    if n == 0:
+        return {}
+    m: dict[str, float] = {"reward/mean": _mean(t.reward for t in trajs)}
+    for name in sorted({k for t in trajs for k in t.reward_components}):
+        m[f"reward/{name}"] = _mean(t.reward_components.get(name, 0.0) for t in trajs)
+    judged = [t for t in trajs if t.correct is not None]
+    if judged:
+        m["accuracy"] = _mean(1.0 if t.correct else 0.0 for t in judged)
+    results = [r for t in trajs for r in t.tool_results]
+    m["tool_calls/mean"] = len(results) / n
+    m["tool_calls/rate"] = _mean(1.0 if t.tool_results else 0.0 for t in trajs)
+    counts = Counter(r.status for r in results)
+    m["tool_calls/invalid_rate"] = (sum(c for s, c in counts.items() if s != ToolStatus.OK) / len(results)
+                                    if results else 0.0)
+    for status in ToolStatus:
+        m[f"tool_status/{status.value}"] = float(counts.get(status, 0))
+    stops = Counter(t.stop_reason for t in trajs)
+    for reason in StopReason:
+        m[f"stop/{reason.value}"] = stops.get(reason, 0) / n
+    m["tokens/sampled_mean"] = _mean(t.num_sampled_tokens for t in trajs)
+    m["tokens/response_mean"] = _mean(len(t.response_ids) for t in trajs)
+    m["turns/mean"] = _mean(len(t.turns) for t in trajs)
+    return m
+
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return float(sum(xs) / len(xs)) if xs else 0.0

@@ -1,0 +1,170 @@
+"""Builders: turn a `Config` into the objects a stage needs (policy, backend, task, tools, envs).
+
+Cheap checks run in `preflight` before any work starts, so a bad name or path in a recipe fails in
+the first second with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tirl.algorithms import ADVANTAGES, KL_KINDS, POLICY_LOSSES
+from tirl.backends.hf import HFBackend
+from tirl.chat.format import ChatFormat, load_chat_format, template_supports_tools
+from tirl.config import Config, ModelConfig, TaskConfig
+from tirl.envs.tool_env import ToolEnv, ToolLimits
+from tirl.errors import ConfigError
+from tirl.models import loading
+from tirl.registry import RegistryError
+from tirl.rewards import REWARDS
+from tirl.rewards.base import RewardFn
+from tirl.rollout.agent import TurnLimits
+from tirl.tasks import TASKS
+from tirl.tasks.base import Problem, Task
+from tirl.tools import ToolSet, get_tools
+
+
+@dataclass
+class Policy:
+    """The model being trained, with what is needed to talk to it."""
+
+    model: Any
+    """Trainable transformers model (float32 master weights; peft-wrapped when LoRA is on)."""
+    tokenizer: Any
+    fmt: ChatFormat
+    path: str
+    """Where the weights were loaded from."""
+    device: str
+    compute_dtype: torch.dtype
+    """Autocast dtype for training, weight dtype for generation."""
+    attn_implementation: str
+
+
+def pick_device(setting: str) -> str:
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if setting.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"run.device={setting!r} but no CUDA device is available")
+    return setting
+
+
+def setup_threads(threads: int | None) -> None:
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+
+
+def preflight(cfg: Config) -> None:
+    """Check every name in the config (model, task, tools, reward, algorithms) without heavy work."""
+    if cfg.pipeline.sft or cfg.pipeline.rl or cfg.pipeline.eval_before:
+        loading.resolve(cfg.model.name)
+    task = build_task(cfg.task)
+    build_tools(cfg.task, task)
+    build_reward(cfg.task, task)
+    for registry, name in ((ADVANTAGES, cfg.algorithm.advantage), (POLICY_LOSSES, cfg.algorithm.loss)):
+        try:
+            registry.get(name)
+        except RegistryError as e:
+            raise ConfigError(f"algorithm: {e}") from None
+    if cfg.algorithm.kl_estimator.rstrip("+") not in KL_KINDS:
+        raise ConfigError(f"algorithm.kl_estimator: {cfg.algorithm.kl_estimator!r} is not one of "
+                          f"{', '.join(KL_KINDS)} (optionally with '+')")
+    if cfg.pipeline.sft:
+        try:
+            task.sft_problems(1)
+        except NotImplementedError as e:
+            raise ConfigError(f"pipeline.sft is on but {e}; set pipeline.sft=false") from None
+
+
+def build_task(cfg: TaskConfig) -> Task:
+    try:
+        cls = TASKS.get(cfg.name)
+    except RegistryError as e:
+        raise ConfigError(f"task.name: {e}") from None
+    try:
+        return cls(**cfg.kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"task.kwargs for {cfg.name!r}: {e}") from None
+
+
+def build_tools(cfg: TaskConfig, task: Task) -> ToolSet:
+    names = cfg.tools if cfg.tools is not None else list(task.default_tools)
+    try:
+        return ToolSet(get_tools(names))
+    except (RegistryError, TypeError, ValueError) as e:
+        raise ConfigError(f"task.tools: {e}") from None
+
+
+def build_reward(cfg: TaskConfig, task: Task) -> RewardFn:
+    name = cfg.reward or task.default_reward
+    try:
+        return REWARDS.get(name)
+    except RegistryError as e:
+        raise ConfigError(f"task.reward: {e}") from None
+
+
+def load_policy(cfg: ModelConfig, device: str, path: str | None = None, trainable: bool = True) -> Policy:
+    """Load the model from `path` (default: `cfg.name`) in float32, with LoRA if configured."""
+    path = path or loading.materialize(loading.resolve(cfg.name))
+    tokenizer = loading.load_tokenizer(path)
+    fmt = load_chat_format(tokenizer, cfg.chat_template)
+    attn = cfg.attn_implementation if cfg.attn_implementation != "auto" else (
+        "eager" if device == "cpu" else "sdpa")
+    model = loading.load_causal_lm(path, torch.float32, attn, device)
+    if trainable and cfg.lora.enabled:
+        model = loading.apply_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
+    model.train(trainable)
+    if not trainable:
+        model.requires_grad_(False)
+    return Policy(model, tokenizer, fmt, path, device, loading.resolve_dtype(cfg.dtype, device), attn)
+
+
+def max_context(cfg: ModelConfig, model) -> int:
+    limit = getattr(loading.base_model(model).config, "max_position_embeddings", None) or 4096
+    return min(limit, cfg.max_context) if cfg.max_context else limit
+
+
+def make_backend(policy: Policy, cfg: Config) -> HFBackend:
+    """An `hf` backend with its own copy of the policy in the compute dtype."""
+    gen_model = loading.load_causal_lm(policy.path, policy.compute_dtype, policy.attn_implementation,
+                                       policy.device)
+    backend = HFBackend(gen_model, policy.tokenizer, stop_ids(policy), max_context(cfg.model, policy.model),
+                        cfg.rollout.max_batch_size)
+    backend.update_weights(loading.merged_state_dict(policy.model))
+    return backend
+
+
+def stop_ids(policy: Policy) -> list[int]:
+    ids = {policy.fmt.eos_token_id}
+    gen_eos = getattr(getattr(loading.base_model(policy.model), "generation_config", None), "eos_token_id", None)
+    if isinstance(gen_eos, int):
+        ids.add(gen_eos)
+    elif isinstance(gen_eos, (list, tuple)):
+        ids.update(int(i) for i in gen_eos)
+    return sorted(ids)
+
+
+def turn_limits(cfg: Config, model) -> TurnLimits:
+    r = cfg.rollout
+    return TurnLimits(max_turns=r.max_turns, max_new_tokens_per_turn=r.max_new_tokens_per_turn,
+                      max_new_tokens=r.max_new_tokens, max_context=max_context(cfg.model, model))
+
+
+class EnvFactory:
+    """Makes one `ToolEnv` per trajectory; `with_tools=False` is the no-tool baseline."""
+
+    def __init__(self, task: Task, tools: ToolSet, cfg: Config, fmt: ChatFormat, with_tools: bool = True):
+        self.task = task
+        self.tools = tools if with_tools else ToolSet([])
+        self.system_prompt = task.system_prompt(with_tools)
+        r = cfg.rollout
+        self.limits = ToolLimits(max_tool_calls=r.max_tool_calls, timeout_s=r.tool_timeout_s,
+                                 max_output_chars=r.max_tool_output_chars)
+        if len(self.tools) and not template_supports_tools(fmt.tokenizer, fmt.template):
+            raise ConfigError(f"tools {self.tools.names} are configured but chat template {fmt.name!r} never "
+                              "shows them to the model; use model.chat_template=auto or chatml-tools")
+
+    def __call__(self, problem: Problem) -> ToolEnv:
+        return ToolEnv(problem, self.system_prompt, self.tools, self.limits)

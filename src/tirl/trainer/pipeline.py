@@ -1,0 +1,147 @@
+"""The default job: eval base -> SFT cold start -> eval -> RL -> eval, then a before/after table.
+
+Each stage leaves its result in the run directory (eval summaries, `models/sft`, `models/final`), so
+re-running the same command skips finished stages and resumes the interrupted one from its last
+checkpoint. A run directory belongs to one config: re-running with a different one is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.table import Table
+
+from tirl import __version__
+from tirl.config import Config
+from tirl.errors import ResumeError
+from tirl.eval.runner import eval_problems, run_eval
+from tirl.models import loading
+from tirl.trainer.build import (EnvFactory, build_reward, build_task, build_tools, load_policy, make_backend,
+                                pick_device, preflight, setup_threads, turn_limits)
+from tirl.trainer.display import console
+from tirl.trainer.logging import MetricsLogger
+from tirl.trainer.rl import run_rl
+from tirl.trainer.sft import run_sft
+
+COLUMNS = (("accuracy", "accuracy"), ("tool_calls/rate", "tool-call rate"), ("tool_calls/mean", "tool calls"),
+           ("tool_calls/invalid_rate", "invalid calls"), ("tokens/sampled_mean", "tokens"))
+
+
+def prepare_run_dir(cfg: Config) -> Path:
+    """Create the run directory, or check that an existing one belongs to this config."""
+    run_dir = cfg.run_dir()
+    saved = run_dir / "config.yaml"
+    if saved.exists():
+        old = yaml.safe_load(saved.read_text())
+        new = cfg.model_dump(mode="json")
+        diffs = _diff(old, new)
+        if diffs:
+            raise ResumeError(f"{run_dir} holds a run with a different config ({'; '.join(diffs[:5])}); "
+                              "choose another run.dir / run.name, or delete that directory")
+        if (run_dir / "results.json").exists():
+            raise ResumeError(f"the run in {run_dir} is complete (results in {run_dir / 'results.md'}); "
+                              "resuming would train zero steps. Use another run.name for a new run")
+        console.print(f"[yellow]resuming the run in {run_dir}[/]")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved.write_text(cfg.to_yaml())
+    return run_dir
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new)):
+            out += _diff(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
+def run_pipeline(cfg: Config) -> dict[str, dict[str, Any]]:
+    """Run the enabled stages; returns {eval name: summary}."""
+    preflight(cfg)
+    console.rule("tirl train")
+    console.print(cfg.to_yaml(), markup=False)
+    run_dir = prepare_run_dir(cfg)
+    setup_threads(cfg.run.threads)
+    device = pick_device(cfg.run.device)
+    task, reward_fn = build_task(cfg.task), None
+    tools = build_tools(cfg.task, task)
+    reward_fn = build_reward(cfg.task, task)
+    logger = MetricsLogger(run_dir, cfg.run.tensorboard)
+    path = loading.materialize(loading.resolve(cfg.model.name))
+    _write_run_info(run_dir, cfg, path, device)
+    results: dict[str, dict[str, Any]] = {}
+    t0 = time.monotonic()
+    p = cfg.pipeline
+    if p.eval_before:
+        name = "base" if (p.sft or p.rl) else "eval"
+        results.update(_evaluate(cfg, name, path, task, tools, reward_fn, run_dir, device))
+    if p.sft:
+        path = _stage_model(run_dir / "models" / "sft", lambda: run_sft(
+            cfg, load_policy(cfg.model, device, path), task, tools, run_dir, logger))
+        if p.eval_after_sft:
+            results.update(_evaluate(cfg, "sft", path, task, tools, reward_fn, run_dir, device, no_tools=False))
+    if p.rl:
+        path = _stage_model(run_dir / "models" / "final", lambda: run_rl(
+            cfg, load_policy(cfg.model, device, path), task, tools, reward_fn, run_dir, logger))
+        if p.eval_after:
+            results.update(_evaluate(cfg, "final", path, task, tools, reward_fn, run_dir, device))
+    logger.close()
+    _write_results(run_dir, results, time.monotonic() - t0)
+    return results
+
+
+def _stage_model(out: Path, train) -> str:
+    return str(out) if (out / "config.json").exists() else str(train())
+
+
+def _evaluate(cfg: Config, name: str, path: str, task, tools, reward_fn, run_dir: Path, device: str,
+              no_tools: bool | None = None) -> dict[str, dict[str, Any]]:
+    variants = [(name, True)]
+    if cfg.eval.no_tools if no_tools is None else no_tools:
+        variants.append((f"{name}_no_tools", False))
+    pending = [(n, w) for n, w in variants if not (run_dir / "eval" / f"{n}.summary.json").exists()]
+    out: dict[str, dict[str, Any]] = {}
+    policy = load_policy(cfg.model, device, path, trainable=False) if pending else None
+    backend = make_backend(policy, cfg) if policy else None
+    for n, with_tools in variants:
+        console.print(f"[cyan]eval[/] {n} ({'with' if with_tools else 'without'} tools)")
+        make_env = EnvFactory(task, tools, cfg, policy.fmt, with_tools) if policy else None
+        out[n] = run_eval(n, eval_problems(task, cfg), make_env, backend, policy.fmt if policy else None, reward_fn,
+                          turn_limits(cfg, policy.model) if policy else None, cfg, run_dir / "eval")
+        console.print(f"  accuracy {out[n].get('accuracy', 0):.3f}  tool calls {out[n]['tool_calls/mean']:.2f}")
+    if backend:
+        backend.close()
+    return out
+
+
+def _write_run_info(run_dir: Path, cfg: Config, path: str, device: str) -> None:
+    dtype = loading.resolve_dtype(cfg.model.dtype, device)
+    info = {"tirl_version": __version__, "model": cfg.model.name, "model_path": path, "device": device,
+            "compute_dtype": str(dtype).removeprefix("torch.")}
+    (run_dir / "run.json").write_text(json.dumps(info, indent=1))
+
+
+def results_table(results: dict[str, dict[str, Any]]) -> Table:
+    table = Table(title="held-out evaluation")
+    table.add_column("model")
+    for _, label in COLUMNS:
+        table.add_column(label, justify="right")
+    for name, summary in results.items():
+        table.add_row(name, *(f"{summary.get(key, float('nan')):.3f}" for key, _ in COLUMNS))
+    return table
+
+
+def _write_results(run_dir: Path, results: dict[str, dict[str, Any]], seconds: float) -> None:
+    console.print(results_table(results))
+    lines = ["| model | " + " | ".join(label for _, label in COLUMNS) + " |",
+             "|---|" + "---:|" * len(COLUMNS)]
+    for name, s in results.items():
+        lines.append(f"| {name} | " + " | ".join(f"{s.get(k, float('nan')):.3f}" for k, _ in COLUMNS) + " |")
+    (run_dir / "results.md").write_text("\n".join(lines) + "\n")
+    (run_dir / "results.json").write_text(json.dumps({"seconds": seconds, "results": results}, indent=1))
+    console.print(f"run directory: {run_dir}  ({seconds / 60:.1f} min)")

@@ -1,0 +1,94 @@
+"""The RL loop: rollout -> reward -> advantage -> loss -> optimizer step -> weights to the backend.
+
+Orchestration only: rollouts come from `tirl.rollout`, the math from `tirl.algorithms` (through
+`update.py`), persistence from `stage.py`. A step is a pure function of (weights, step index, data
+cursor, seed), so a run killed at any point and resumed from its last checkpoint retraces the
+uninterrupted run step for step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from pathlib import Path
+
+from tirl.backends.base import SamplingParams
+from tirl.config import Config
+from tirl.models import loading
+from tirl.rewards.base import RewardFn
+from tirl.rollout.groups import RewardState, RolloutSpec, rollout_groups
+from tirl.rollout.io import append_jsonl
+from tirl.rollout.metrics import trajectory_metrics
+from tirl.tasks.base import Task
+from tirl.tools import ToolSet
+from tirl.trainer.build import EnvFactory, Policy, load_policy, make_backend, turn_limits
+from tirl.trainer.logging import MetricsLogger
+from tirl.trainer.stage import TrainingStage
+from tirl.trainer.update import UpdateSettings, advantages_for, rl_update
+
+
+def rollout_spec(cfg: Config, policy: Policy) -> RolloutSpec:
+    r = cfg.rollout
+    return RolloutSpec(group_size=r.group_size, sampling=SamplingParams(r.temperature, r.top_p),
+                       limits=turn_limits(cfg, policy.model), stall_timeout_s=r.stall_timeout_s,
+                       check=r.check_invariants)
+
+
+def update_settings(cfg: Config, policy: Policy) -> UpdateSettings:
+    a = cfg.algorithm
+    return UpdateSettings(
+        advantage=a.advantage, advantage_kwargs=dict(a.advantage_kwargs), loss=a.loss, loss_kwargs=dict(a.loss_kwargs),
+        aggregation=a.aggregation, kl_coef=a.kl_coef, kl_estimator=a.kl_estimator, entropy_coef=a.entropy_coef,
+        epochs=a.epochs, minibatches=a.minibatches,
+        micro_batch_size=cfg.rl.micro_batch_size or cfg.rollout.group_size, max_grad_norm=cfg.rl.optim.max_grad_norm,
+        temperature=cfg.rollout.temperature or 1.0, compute_dtype=policy.compute_dtype)
+
+
+def run_rl(cfg: Config, policy: Policy, task: Task, tools: ToolSet, reward_fn: RewardFn, run_dir: Path,
+           logger: MetricsLogger) -> Path:
+    """Train for `cfg.rl.steps` steps (resuming if checkpoints exist); returns the final model directory."""
+    stage = TrainingStage("rl", run_dir, policy, cfg.rl.optim, cfg.rl.steps, cfg.rl.save_every,
+                          cfg.rl.keep_checkpoints, logger)
+    state = stage.resume()
+    traj_dir = run_dir / "trajectories" / "rl"
+    _drop_after(traj_dir, state["step"])
+    backend = make_backend(policy, cfg)
+    ref = load_policy(cfg.model, policy.device, policy.path, trainable=False).model if cfg.algorithm.kl_coef else None
+    make_env = EnvFactory(task, tools, cfg, policy.fmt)
+    spec, settings = rollout_spec(cfg, policy), update_settings(cfg, policy)
+    cursor, reward_state = state.get("cursor", 0), RewardState(state.get("reward_state", {}))
+    P = cfg.rollout.prompts_per_step
+    with asyncio.Runner() as runner:
+        for step in range(state["step"], cfg.rl.steps):
+            t0 = time.monotonic()
+            problems = [task.train_problem(cursor + i) for i in range(P)]
+            tokens_before = backend.engine.tokens_generated
+            groups = runner.run(rollout_groups(problems, make_env, backend, policy.fmt, spec, reward_fn,
+                                               step=step, seed=cfg.run.seed, reward_state=reward_state))
+            t1 = time.monotonic()
+            metrics = rl_update(policy.model, stage.optimizer, advantages_for(groups, settings), settings, ref)
+            backend.update_weights(loading.merged_state_dict(policy.model))
+            t2 = time.monotonic()
+            trajs = [t for g in groups for t in g.trajectories]
+            metrics.update(trajectory_metrics(trajs))
+            metrics.update({"time/rollout_s": t1 - t0, "time/update_s": t2 - t1,
+                            "speed/tokens_per_s": (backend.engine.tokens_generated - tokens_before) / (t1 - t0)})
+            if cfg.rl.save_trajectories:
+                append_jsonl(traj_dir / f"step_{step + 1:06d}.jsonl", trajs)
+            cursor += P
+            stage.step_done(step + 1, metrics, {"cursor": cursor, "reward_state": reward_state.data})
+    backend.close()
+    return stage.finish(run_dir / "models" / "final")
+
+
+def _drop_after(traj_dir: Path, step: int) -> None:
+    """Trajectory files of steps a resumed run will redo."""
+    if traj_dir.exists():
+        for f in traj_dir.glob("step_*.jsonl"):
+            if int(f.stem.split("_")[1]) > step:
+                f.unlink()
+
+
+def remove_run_artifacts(run_dir: Path) -> None:
+    shutil.rmtree(run_dir / "trajectories", ignore_errors=True)
