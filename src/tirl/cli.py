@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     except TirlError as e:
         from tirl.trainer.display import console
 
-        console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
+        console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)

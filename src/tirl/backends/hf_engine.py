@@ -211,18 +211,23 @@ class HFEngine:
         """Add a sampled token; returns True when the row just finished."""
         row.tokens.append(tok)
         self.tokens_generated += 1
-        if tok in self.stop_token_ids:
-            row.finish = "eos"
-        elif row.request.stop_strings and self._hit_stop(row):
-            row.finish = "stop"
-        elif len(row.tokens) >= row.budget:
-            row.finish = "length"
+        row.finish = finish_reason(row.tokens, row.budget, self.stop_token_ids, row.request.stop_strings,
+                                   self.tokenizer)
         return row.finish is not None
 
-    def _hit_stop(self, row: _Row) -> bool:
-        longest = max(len(s) for s in row.request.stop_strings)
-        tail = self.tokenizer.decode(row.tokens[-longest:], skip_special_tokens=False)
-        return any(s in tail for s in row.request.stop_strings)
+
+def finish_reason(tokens: list[int], budget: int, stop_token_ids, stop_strings, tokenizer) -> str | None:
+    """Why generation must stop after the last token of `tokens` (None: go on). Shared by backends."""
+    if tokens[-1] in stop_token_ids:
+        return "eos"
+    if stop_strings:
+        longest = max(len(s) for s in stop_strings)
+        tail = tokenizer.decode(tokens[-longest:], skip_special_tokens=False)
+        if any(s in tail for s in stop_strings):
+            return "stop"
+    if len(tokens) >= budget:
+        return "length"
+    return None
 
 
 def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -1,0 +1,61 @@
+"""Config loading: defaults, recipes, overrides; every error names the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from tirl.config import Config, load_config
+from tirl.errors import ConfigError
+
+
+def test_defaults_are_the_embedded_default():
+    cfg = load_config()
+    assert cfg == Config()
+    assert cfg.model.name == "embedded:SmolLM2-135M-Instruct" and cfg.task.name == "arithmetic"
+    assert str(cfg.run_dir()) == "runs/default"
+
+
+def test_recipe_then_overrides(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("rl:\n  steps: 7\nrollout:\n  group_size: 4\n")
+    cfg = load_config(recipe, ["rl.steps=9", "rl.optim.lr=3e-6", "task.kwargs.levels=[1,2]", "run.dir=x/y"])
+    assert cfg.rl.steps == 9 and cfg.rollout.group_size == 4 and cfg.rl.optim.lr == 3e-6
+    assert cfg.task.kwargs == {"levels": [1, 2]} and str(cfg.run_dir()) == "x/y"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["rollout.grup_size=3"], "rollout.grup_size: unknown key (did you mean 'group_size'?)"),
+    (["rl.steps=abc"], "rl.steps: Input should be a valid integer"),
+    (["rl.steps=0"], "rl.steps: Input should be greater than or equal to 1"),
+    (["rl.optim.lr=-1"], "rl.optim.lr: Input should be greater than 0"),
+    (["model.dtype=fp8"], "model.dtype"),
+    (["nonsense=1"], "nonsense: unknown key"),
+    (["rl"], "must look like section.key=value"),
+    (["rl.steps=3", "rl.steps.x=1"], "is a value, not a section"),
+    (["rl.steps.x=1"], "rl.steps: Input should be a valid integer"),
+    (["rollout.max_new_tokens_per_turn=500", "rollout.max_new_tokens=100"], "cannot exceed"),
+])
+def test_bad_values_name_the_key(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert message in str(e.value)
+
+
+def test_bad_recipe_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rl: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(lst)
+
+
+def test_yaml_round_trip():
+    cfg = load_config(None, ["rl.steps=3"])
+    import yaml
+
+    assert Config.model_validate(yaml.safe_load(cfg.to_yaml())) == cfg
