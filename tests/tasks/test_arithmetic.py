@@ -9,10 +9,21 @@ import pytest
 
 from tirl.rewards import REWARDS, GroupContext
 from tirl.tasks import TASKS, ArithmeticTask
-from tirl.tasks.arithmetic_templates import PRETTY_SYMBOLS, TEMPLATES_BY_LEVEL, BinOp, Num, evaluate, render
+from tirl.tasks.arithmetic import DEFAULT_LEVELS, LEVELS, OPERATORS
+from tirl.tasks.arithmetic_templates import (
+    DISTRACTOR_RATE,
+    LEVEL3_TEMPLATES,
+    PRETTY_SYMBOLS,
+    TEMPLATES_BY_LEVEL,
+    BinOp,
+    Num,
+    evaluate,
+    render,
+)
 from tirl.types import StopReason, Trajectory, TrajectoryMeta
 
 N_TRAIN = 2000
+N_ALL = 2500
 _OPS = {ast.Add: Fraction.__add__, ast.Sub: Fraction.__sub__, ast.Mult: Fraction.__mul__, ast.Div: Fraction.__truediv__}
 
 
@@ -47,6 +58,25 @@ def task():
 @pytest.fixture(scope="module")
 def train(task):
     return [task.train_problem(i) for i in range(N_TRAIN)]
+
+
+@pytest.fixture(scope="module")
+def train_all():
+    """Train problems over every level, level 5 included (it is not in the default levels)."""
+    task = ArithmeticTask(levels=LEVELS)
+    return [task.train_problem(i) for i in range(N_ALL)]
+
+
+def _at_level(problems, level):
+    return [p for p in problems if p.info["level"] == level]
+
+
+def test_default_ladder():
+    task = ArithmeticTask()
+    assert LEVELS == (1, 2, 3, 4, 5) and DEFAULT_LEVELS == (1, 2, 3, 4)
+    assert task.levels == DEFAULT_LEVELS and task.sft_ops == ("*", "+", "-", "/")
+    assert set(task.template_names()) == set(DEFAULT_LEVELS)
+    assert set(TEMPLATES_BY_LEVEL) == set(LEVELS)
 
 
 def test_registered_with_its_defaults():
@@ -112,13 +142,16 @@ def test_ids(train, task):
 @pytest.mark.parametrize("levels, size, expected", [
     ([1, 2, 3, 4], 100, {1: 25, 2: 25, 3: 25, 4: 25}),
     ([1, 2, 3, 4], 10, {1: 3, 2: 3, 3: 2, 4: 2}),
+    ([1, 2, 3, 4, 5], 12, {1: 3, 2: 3, 3: 2, 4: 2, 5: 2}),
     ([4, 2, 3], 7, {2: 3, 3: 2, 4: 2}),
+    ([5, 3], 5, {3: 3, 5: 2}),
     ([3], 5, {3: 5}),
 ])
 def test_heldout_is_stratified(levels, size, expected):
     heldout = ArithmeticTask(levels=levels, heldout_size=size).heldout()
     assert len(heldout) == size
     assert Counter(p.info["level"] for p in heldout) == expected
+    assert [p.info["level"] for p in heldout] == [sorted(levels)[i % len(levels)] for i in range(size)]
 
 
 def test_heldout_questions_distinct_and_a_copy(task):
@@ -132,8 +165,9 @@ def test_larger_heldout_extends_the_smaller_one():
     assert ArithmeticTask(heldout_size=200).heldout()[:100] == ArithmeticTask().heldout()
 
 
-def test_train_and_sft_never_repeat_a_heldout_question():
-    task = ArithmeticTask()
+@pytest.mark.parametrize("levels", [DEFAULT_LEVELS, LEVELS])
+def test_train_and_sft_never_repeat_a_heldout_question(levels):
+    task = ArithmeticTask(levels=levels)
     heldout = {p.question for p in task.heldout()}
     assert not any(task.train_problem(i).question in heldout for i in range(20_000))
     assert not any(p.question in heldout for p in task.sft_problems(2000))
@@ -155,12 +189,12 @@ def test_collision_with_heldout_is_regenerated_deterministically(train):
 
 # --- problem contents -------------------------------------------------------------------------
 
-def _all_problems(task, train):
-    return train + task.heldout() + task.sft_problems(200)
+def _all_problems(task, train, train_all):
+    return train + train_all + task.heldout() + ArithmeticTask(levels=LEVELS).heldout() + task.sft_problems(200)
 
 
-def test_expression_evaluates_to_the_positive_integer_answer(task, train):
-    for p in _all_problems(task, train):
+def test_expression_evaluates_to_the_positive_integer_answer(task, train, train_all):
+    for p in _all_problems(task, train, train_all):
         expression = p.info["expression"]
         assert re.fullmatch(r"[0-9+\-*/() ]+", expression), expression
         assert p.reference_calls[0].arguments == {"expression": expression}
@@ -169,44 +203,80 @@ def test_expression_evaluates_to_the_positive_integer_answer(task, train):
         assert _eval(expression) == int(p.answer), p
 
 
-def test_info_keys(train):
-    assert all(set(p.info) == {"level", "template", "expression"} for p in train)
+def test_info_keys(train, train_all):
+    assert all(set(p.info) == {"level", "template", "expression"} for p in train + train_all)
 
 
-def test_operator_counts_per_level(train):
-    expected = {1: 1, 2: 2, 3: 1, 4: 2}
-    for p in train:
+def test_operator_counts_per_level(train_all):
+    expected = {1: 1, 2: 2, 3: 1, 4: 1, 5: 2}
+    for p in train_all:
         assert len(_operators(p.info["expression"])) == expected[p.info["level"]], p
 
 
-def test_every_operator_appears_at_every_level(train):
-    for level in (1, 2, 3, 4):
-        ops = {op for p in train if p.info["level"] == level for op in _operators(p.info["expression"])}
-        assert ops == {"+", "-", "*", "/"}, (level, ops)
+def test_every_operator_appears_at_every_level(train, train_all):
+    for problems, levels in ((train, DEFAULT_LEVELS), (train_all, LEVELS)):
+        for level in levels:
+            ops = Counter(op for p in _at_level(problems, level) for op in _operators(p.info["expression"]))
+            assert set(ops) == {"+", "-", "*", "/"}, (level, ops)
 
 
-def test_plain_questions_show_their_expression(train):
-    for p in train:
+def test_level_3_operators_are_balanced(train_all):
+    ops = Counter(_operators(p.info["expression"])[0] for p in _at_level(train_all, 3))
+    assert min(ops.values()) > sum(ops.values()) / 4 * 0.75, ops
+    phrasings = Counter(t.shape for t in LEVEL3_TEMPLATES)
+    assert set(phrasings) == {"a+b", "a-b", "a*b", "a/b"} and min(phrasings.values()) >= 4
+
+
+def test_plain_questions_show_their_expression(train_all):
+    for p in train_all:
         if p.info["level"] <= 2:
             ascii_question = p.question.replace("×", "*").replace("÷", "/")
             assert p.info["expression"] in ascii_question, p
 
 
-def test_word_problems_state_every_operand_and_sometimes_an_irrelevant_number(train):
+def test_level_3_writes_the_operation_in_words(train_all, task):
+    level3 = _at_level(train_all + task.heldout(), 3)
+    assert len(level3) > 400
+    for p in level3:
+        assert not re.search(r"[-+*/×÷]", p.question), p
+        operands, stated = _numbers(p.info["expression"]), _numbers(p.question)
+        assert not Counter(operands) - Counter(stated), p
+        a, b = operands
+        op = _operators(p.info["expression"])[0]
+        assert (op != "-" or a > b) and (op != "/" or a % b == 0), p
+
+
+def test_level_3_lead_in_comes_first_with_one_number(train_all):
+    level3 = _at_level(train_all, 3)
+    with_lead_in = 0
+    for p in level3:
+        sentences = re.split(r"(?<=[.?]) ", p.question)
+        operands = _numbers(p.info["expression"])
+        assert len(sentences) in (1, 2), p
+        if len(sentences) == 2:
+            with_lead_in += 1
+            assert len(_numbers(sentences[0])) == 1 and sentences[0].endswith("."), p
+        assert sorted(_numbers(sentences[-1])) == sorted(operands), p
+    assert abs(with_lead_in / len(level3) - DISTRACTOR_RATE[3]) < 0.1
+
+
+def test_word_problems_state_every_operand_and_sometimes_an_irrelevant_number(train_all):
     extra = Counter()
-    for p in train:
+    for p in train_all:
         if p.info["level"] >= 3:
             operands, stated = _numbers(p.info["expression"]), _numbers(p.question)
             assert not Counter(operands) - Counter(stated), p
+            assert len(stated) <= len(operands) + 1, p
             extra[p.info["level"]] += len(stated) > len(operands)
-    counts = Counter(p.info["level"] for p in train)
-    assert 0.15 < extra[3] / counts[3] < 0.6
-    assert 0.4 < extra[4] / counts[4] < 0.9
+    counts = Counter(p.info["level"] for p in train_all)
+    assert 0.25 < extra[3] / counts[3] < 0.55
+    assert 0.15 < extra[4] / counts[4] < 0.55
+    assert 0.45 < extra[5] / counts[5] < 0.9
 
 
-def test_operand_sizes(train):
-    for p in train:
-        if p.info["level"] == 1:
+def test_operand_sizes(train_all):
+    for p in train_all:
+        if p.info["level"] in (1, 3):
             a, b = _numbers(p.info["expression"])
             op = _operators(p.info["expression"])[0]
             if op == "*":
@@ -228,36 +298,49 @@ def test_max_digits_bounds_operands():
     assert max(len(str(n)) for p in problems for n in _numbers(p.info["expression"])) == 6
 
 
-def test_every_template_is_used(train):
-    used = Counter(p.info["template"] for p in train)
-    for level, names in TEMPLATES_BY_LEVEL.items():
-        assert set(names) <= set(used), (level, set(names) - set(used))
-        assert all(used[n] and n.startswith(f"L{level}:") for n in names)
-    assert set(used) == {n for names in TEMPLATES_BY_LEVEL.values() for n in names}
-    assert len(TEMPLATES_BY_LEVEL[3]) >= 6 and len(TEMPLATES_BY_LEVEL[4]) >= 6
+def test_every_template_is_used(train, train_all):
+    for problems, levels in ((train, DEFAULT_LEVELS), (train_all, LEVELS)):
+        used = Counter(p.info["template"] for p in problems)
+        for level in levels:
+            names = TEMPLATES_BY_LEVEL[level]
+            assert set(names) <= set(used), (level, set(names) - set(used))
+            assert all(used[n] and n.startswith(f"L{level}:") for n in names)
+        assert set(used) == {n for level in levels for n in TEMPLATES_BY_LEVEL[level]}
+    all_names = [n for names in TEMPLATES_BY_LEVEL.values() for n in names]
+    assert len(all_names) == len(set(all_names))
+    assert len(TEMPLATES_BY_LEVEL[3]) >= 16 and len(TEMPLATES_BY_LEVEL[4]) >= 6 and len(TEMPLATES_BY_LEVEL[5]) >= 6
 
 
-def test_question_lengths(train):
-    for p in train:
+_WORD_BOUNDS = {1: (3, 12), 2: (3, 12), 3: (4, 18), 4: (10, 35), 5: (10, 35)}
+
+
+def test_question_lengths(train_all):
+    for p in train_all:
         words = len(p.question.split())
-        assert (3 <= words <= 12) if p.info["level"] <= 2 else (10 <= words <= 35), (words, p.question)
+        lo, hi = _WORD_BOUNDS[p.info["level"]]
+        assert lo <= words <= hi, (words, p.question)
 
 
-def test_levels_are_drawn_uniformly_from_the_configured_ones(train):
+def test_levels_are_drawn_uniformly_from_the_configured_ones(train, train_all):
     counts = Counter(p.info["level"] for p in train)
     assert set(counts) == {1, 2, 3, 4} and min(counts.values()) > N_TRAIN / 4 * 0.85
-    only_3 = ArithmeticTask(levels=[3])
-    assert {only_3.train_problem(i).info["level"] for i in range(100)} == {3}
-    assert {p.info["level"] for p in only_3.heldout()} == {3}
+    counts = Counter(p.info["level"] for p in train_all)
+    assert set(counts) == {1, 2, 3, 4, 5} and min(counts.values()) > N_ALL / 5 * 0.85
+    for level in LEVELS:
+        only = ArithmeticTask(levels=[level])
+        assert {only.train_problem(i).info["level"] for i in range(100)} == {level}
+        assert {p.info["level"] for p in only.heldout()} == {level}
 
 
 # --- SFT set ----------------------------------------------------------------------------------
 
 def test_sft_is_narrow():
     problems = ArithmeticTask().sft_problems(300)
-    assert all(re.fullmatch(r"What is \d+ \* \d+\?", p.question) for p in problems)
+    assert all(re.fullmatch(r"What is \d+ [-+*/] \d+\?", p.question) for p in problems)
     assert all(p.info["level"] == 1 and p.info["template"] == "L1:what_is" for p in problems)
     assert len({p.question for p in problems}) == 300
+    ops = Counter(_operators(p.info["expression"])[0] for p in problems)
+    assert set(ops) == set(OPERATORS) and min(ops.values()) > 300 / 4 * 0.6
 
 
 def test_sft_ops_choose_the_operators():
@@ -292,7 +375,8 @@ def test_reference_answer_text_earns_full_reward(task):
     ({"seed": True}, "seed"),
     ({"seed": 1.0}, "seed"),
     ({"levels": []}, "levels"),
-    ({"levels": [5]}, "levels"),
+    ({"levels": [6]}, "levels"),
+    ({"levels": [1, 6]}, "levels"),
     ({"levels": [0, 1]}, "levels"),
     ({"levels": [1, 1]}, "levels"),
     ({"levels": [1.0]}, "levels"),
@@ -311,6 +395,13 @@ def test_reference_answer_text_earns_full_reward(task):
 def test_bad_kwargs_raise_naming_the_kwarg(kwargs, name):
     with pytest.raises(ValueError, match=name):
         ArithmeticTask(**kwargs)
+
+
+@pytest.mark.parametrize("levels", [[5], [1, 5], [1, 2, 3, 4, 5]])
+def test_every_level_is_a_valid_configuration(levels):
+    task = ArithmeticTask(levels=levels)
+    assert task.levels == tuple(sorted(levels))
+    assert {p.info["level"] for p in task.heldout()} == set(levels)
 
 
 def test_bad_indices_raise():

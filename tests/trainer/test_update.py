@@ -97,3 +97,15 @@ def test_several_epochs_use_old_logprobs(tiny_model_dir):
     model = _model(tiny_model_dir)
     metrics = _step(model, _groups(), epochs=2, minibatches=2)
     assert metrics["train/ratio_mean"] != 1.0  # the second pass sees a moved policy
+
+
+def test_skipping_zero_advantage_rows_is_exact(tiny_model_dir):
+    groups = _groups()
+    flat = TrajectoryGroup("h", "t", tuple(t.with_reward(1.0, {}, True) for t in groups[1].trajectories))
+    batch_groups = [groups[0], flat]
+    a, b = _model(tiny_model_dir), _model(tiny_model_dir)
+    ma = _step(a, batch_groups, micro_batch_size=4)
+    _step(b, batch_groups, micro_batch_size=4, skip_zero_advantage=False)
+    assert ma["train/rows_skipped"] == 4
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, atol=1e-6, rtol=1e-5, msg=n)

@@ -187,24 +187,31 @@ class HFEngine:
         return out.logits[:, -1].float()[index], attn[index], next_pos
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
-        """One token per row; records its log-probability under softmax(logits / temperature)."""
-        out: list[int] = []
-        for k, row in enumerate(rows):
-            if row.finish is not None:  # waiting to be compacted away; its token is never used
-                out.append(0)
-                continue
-            sp = row.request.sampling
-            if sp.temperature <= 0:
-                logp = torch.log_softmax(logits[k], dim=-1)
-                tok = int(torch.argmax(logp))
-            else:
-                logp = torch.log_softmax(logits[k] / sp.temperature, dim=-1)
-                probs = _nucleus(logp.exp(), sp.top_p)
-                cdf = torch.cumsum(probs, dim=0)
-                u = torch.rand(1, generator=row.generator) * cdf[-1]
-                tok = min(int(torch.searchsorted(cdf, u)), cdf.shape[0] - 1)
-            row.logprobs.append(float(logp[tok]))
-            out.append(tok)
+        """One token per row; records its log-probability under softmax(logits / temperature).
+
+        Vectorised over rows; each row draws its uniform number from its own generator (inverse-CDF
+        sampling), so a row's token does not depend on the other rows.
+        """
+        temps = torch.tensor([max(r.request.sampling.temperature, 0.0) for r in rows], dtype=logits.dtype)
+        greedy = temps <= 0
+        logp = torch.log_softmax(logits / torch.where(greedy, torch.ones_like(temps), temps).unsqueeze(1), dim=-1)
+        tokens = torch.argmax(logp, dim=-1)
+        sample_rows = [k for k, r in enumerate(rows) if r.finish is None and not greedy[k]]
+        if sample_rows:
+            idx = torch.tensor(sample_rows)
+            probs = logp[idx].exp()
+            top_ps = [rows[k].request.sampling.top_p for k in sample_rows]
+            if min(top_ps) < 1.0:
+                probs = torch.stack([_nucleus(p, tp) for p, tp in zip(probs, top_ps)])
+            cdf = torch.cumsum(probs, dim=-1)
+            u = torch.cat([torch.rand(1, generator=rows[k].generator) for k in sample_rows]) * cdf[:, -1]
+            drawn = torch.searchsorted(cdf, u.unsqueeze(1)).squeeze(1).clamp_max(cdf.shape[1] - 1)
+            tokens[idx] = drawn
+        chosen = logp.gather(1, tokens.unsqueeze(1)).squeeze(1)
+        out = tokens.tolist()
+        for row, tok, lp in zip(rows, out, chosen.tolist()):
+            if row.finish is None:
+                row.logprobs.append(lp)
         return out
 
     def _append(self, row: _Row, tok: int) -> bool:

@@ -97,8 +97,11 @@ def load_tokenizer(path: str):
 
 
 def load_causal_lm(path: str, dtype: Any, attn_implementation: str, device: str):
-    """A causal LM with parameters in `dtype` on `device`."""
+    """A causal LM with parameters in `dtype` on `device` (`tirl_gqa` attention is tirl's own)."""
     from transformers import AutoModelForCausalLM
+
+    if attn_implementation == "tirl_gqa":
+        import tirl.models.attention  # noqa: F401 - registers the implementation
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     return model.to(device)

@@ -4,11 +4,19 @@ A small model cannot do 3-4 digit arithmetic in its head but can learn to call t
 tool and copy its result into `<answer>...</answer>`. The task is built for the default job:
 
 - `sft_problems`: a NARROW cold-start set (level 1, one template "What is {a} {op} {b}?", ASCII
-  operators from `sft_ops`) that teaches the call format;
-- `train_problem`: the BROAD stream (levels 1-4, many templates and phrasings, irrelevant numbers)
-  that RL learns the strategy on; fixed by `seed`, each index drawn independently;
+  operators from `sft_ops`, all four by default) that teaches the call format;
+- `train_problem`: the BROAD stream (levels 1-4 by default, many templates and phrasings, irrelevant
+  numbers) that RL learns the strategy on; fixed by `seed`, each index drawn independently;
 - `heldout`: a fixed evaluation split, independent of `seed`, stratified over `levels`, whose
   question texts never occur in the train stream or the SFT set.
+
+The level ladder (see the templates module) is built so that RL has a signal: GRPO learns only
+from problems the cold-started model solves some of the time. Levels 1-2 are bare expressions;
+level 3 writes one operation in words ("Multiply 2345 by 67."), which a model cold-started on
+"What is {a} {op} {b}?" already solves sometimes; level 4 is one-operation word problems. Level 5
+(two-operation word problems) exists but is left out of the default `levels`: a 135M model
+practically never solves one after the cold start, so within the default budget it gives RL no
+learning signal and only dilutes the batch.
 
 Question generation lives in `tirl.tasks.arithmetic_templates`.
 """
@@ -33,8 +41,10 @@ from tirl.tasks.arithmetic_templates import (
 from tirl.tasks.base import TASKS, Problem, Task
 from tirl.types import ToolCall
 
-LEVELS = (1, 2, 3, 4)
-"""The difficulty levels (see the templates module)."""
+LEVELS = (1, 2, 3, 4, 5)
+"""The difficulty levels allowed in `levels` (see the templates module)."""
+DEFAULT_LEVELS = (1, 2, 3, 4)
+"""The default `levels`: level 5 is left out because it gives a small model no RL signal (see above)."""
 OPERATORS = ("+", "-", "*", "/")
 """Operators allowed in `sft_ops`."""
 MAX_DIGITS_RANGE = (3, 6)
@@ -62,18 +72,18 @@ def _problem(problem_id: str, level: int, generated: Generated) -> Problem:
 
 @TASKS.register("arithmetic")
 class ArithmeticTask(Task):
-    """Multi-digit arithmetic (+ - * /) in four levels, from bare expressions to word problems; tool: calculator."""
+    """Multi-digit arithmetic (+ - * /) in five levels, from bare expressions to word problems; tool: calculator."""
 
     name = "arithmetic"
     default_tools = ("calculator",)
     default_reward = "arithmetic"
 
-    def __init__(self, seed: int = 0, levels: Sequence[int] = LEVELS, heldout_size: int = 100,
-                 sft_ops: Sequence[str] = ("*",), max_digits: int = 4):
+    def __init__(self, seed: int = 0, levels: Sequence[int] = DEFAULT_LEVELS, heldout_size: int = 100,
+                 sft_ops: Sequence[str] = OPERATORS, max_digits: int = 4):
         """Validate the configuration; raises ValueError naming the bad keyword argument.
 
-        `seed` fixes the train stream only; `levels` are the difficulty levels drawn (train,
-        uniformly) and stratified over (held-out); `heldout_size` is the held-out split's size;
+        `seed` fixes the train stream only; `levels` are the difficulty levels (from 1-5, default
+        1-4) drawn (train, uniformly) and stratified over (held-out); `heldout_size` is the held-out split's size;
         `sft_ops` are the operators of the narrow SFT set; `max_digits` bounds operand digits.
         """
         self.seed = _check_int("seed", seed, lo=None)

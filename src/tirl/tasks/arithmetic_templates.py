@@ -6,8 +6,14 @@ question, the gold answer and the reference call cannot disagree. Levels:
 
 1. two-operand expressions ("What is 4821 * 37?");
 2. three-operand expressions with precedence or parentheses ("Compute (482 + 1937) × 24.");
-3. one-operation word problems, sometimes with an irrelevant number;
-4. two-operation word problems, often with an irrelevant number.
+3. one operation written in words ("Multiply 2345 by 67.", "Subtract 739 from 8102."), sometimes
+   after an irrelevant lead-in sentence with one number ("Leo has 12 apples. What is 3021 plus 4455?");
+4. one-operation word problems, sometimes with an irrelevant number;
+5. two-operation word problems, often with an irrelevant number.
+
+Level 3 is the bridge from symbols to words: a model cold-started on "What is {a} {op} {b}?" already
+solves it some of the time, so RL gets a reward signal there, while a small model almost never
+solves a level-4/5 word problem straight after the cold start.
 
 Operand sizes follow `OperandRanges` (for `max_digits=4`: sums of 3-4 digit numbers, products of
 a 3-4 digit by a 2-3 digit number, exact division by a 2-digit number). Every value is a positive
@@ -232,7 +238,7 @@ SHAPES: dict[str, Shape] = {
 """Every expression shape, by a name that is its own formula."""
 
 TWO_OPERAND_SHAPES = {"+": "a+b", "-": "a-b", "*": "a*b", "/": "a/b"}
-"""Level-1 shape of each operator."""
+"""Two-operand shape of each operator (levels 1 and 3)."""
 THREE_OPERAND_SHAPES = ("(a+b)*c", "(a-b)*c", "a*b+c", "a*b-c", "a+b*c", "a-b*c", "(a+b)/c", "(a-b)/c", "a/b+c")
 """Level-2 shapes."""
 
@@ -245,6 +251,53 @@ PLAIN_FORMS = {
     "work_out": "Work out {e}.",
 }
 """Surface forms of levels 1 and 2; `{e}` is the rendered expression."""
+
+
+@dataclass(frozen=True)
+class WordedOperation:
+    """A level-3 phrasing: one operation written in words, e.g. "Subtract {b} from {a}."
+
+    The expression is always `a op b` of `shape` (so a > b for "-" and b divides a for "/"),
+    whatever order the words name the operands in.
+    """
+
+    name: str
+    """Template id (recorded in `Problem.info["template"]`)."""
+    shape: str
+    """One of `TWO_OPERAND_SHAPES.values()` (a key of `SHAPES`): the expression that answers it."""
+    text: str
+    """The question, with placeholders {a} and {b}."""
+
+
+LEVEL3_TEMPLATES = (
+    WordedOperation("L3:plus", "a+b", "What is {a} plus {b}?"),
+    WordedOperation("L3:add", "a+b", "Add {a} and {b}."),
+    WordedOperation("L3:sum_of", "a+b", "Find the sum of {a} and {b}."),
+    WordedOperation("L3:add_to", "a+b", "What do you get when you add {b} to {a}?"),
+    WordedOperation("L3:minus", "a-b", "What is {a} minus {b}?"),
+    WordedOperation("L3:subtract_from", "a-b", "Subtract {b} from {a}."),
+    WordedOperation("L3:difference_of", "a-b", "Find the difference between {a} and {b}."),
+    WordedOperation("L3:take_away", "a-b", "What is {a} take away {b}?"),
+    WordedOperation("L3:times", "a*b", "What is {a} times {b}?"),
+    WordedOperation("L3:multiply_by", "a*b", "Multiply {a} by {b}."),
+    WordedOperation("L3:product_of", "a*b", "Find the product of {a} and {b}."),
+    WordedOperation("L3:multiplied_by", "a*b", "What is {a} multiplied by {b}?"),
+    WordedOperation("L3:divided_by", "a/b", "What is {a} divided by {b}?"),
+    WordedOperation("L3:divide_by", "a/b", "Divide {a} by {b}."),
+    WordedOperation("L3:quotient_of", "a/b", "Find the quotient of {a} and {b}."),
+    WordedOperation("L3:goes_into", "a/b", "How many times does {b} go into {a}?"),
+)
+"""Level 3: one operation in words, four phrasings per operator."""
+
+LEAD_INS = (
+    "{name} has {d} {item}.",
+    "There are {d} {item} on the table.",
+    "{name} walked {d} meters today.",
+    "{name}'s class has {d} students.",
+    "A shelf holds {d} {item}.",
+    "{name} read {d} pages yesterday.",
+)
+"""Irrelevant first sentences of level 3, each with one number {d} (and maybe {name}, {item})."""
 
 
 @dataclass(frozen=True)
@@ -265,54 +318,54 @@ class WordTemplate:
     """The final question sentence."""
 
 
-LEVEL3_TEMPLATES = (
-    WordTemplate("L3:containers", "a*b", "A {container} holds {b} {item}.", "How many {item} are in {a} {containers}?"),
-    WordTemplate("L3:wage", "a*b", "{name} earns ${b} per hour.", "How many dollars does {name} earn in {a} hours?"),
-    WordTemplate("L3:rows", "a*b", "A stadium has {a} rows with {b} seats in each row.", "How many seats are there?"),
-    WordTemplate("L3:buy_more", "a+b", "{name} has {a} {item} and buys {b} more.",
+LEVEL4_TEMPLATES = (
+    WordTemplate("L4:containers", "a*b", "A {container} holds {b} {item}.", "How many {item} are in {a} {containers}?"),
+    WordTemplate("L4:wage", "a*b", "{name} earns ${b} per hour.", "How many dollars does {name} earn in {a} hours?"),
+    WordTemplate("L4:rows", "a*b", "A stadium has {a} rows with {b} seats in each row.", "How many seats are there?"),
+    WordTemplate("L4:buy_more", "a+b", "{name} has {a} {item} and buys {b} more.",
                  "How many {item} does {name} have now?"),
-    WordTemplate("L3:two_days", "a+b", "A shop sold {a} {item} on Monday and {b} on Tuesday.",
+    WordTemplate("L4:two_days", "a+b", "A shop sold {a} {item} on Monday and {b} on Tuesday.",
                  "How many {item} did it sell on both days?"),
-    WordTemplate("L3:give_away", "a-b", "{name} had {a} {item} and gave {b} to {name2}.",
+    WordTemplate("L4:give_away", "a-b", "{name} had {a} {item} and gave {b} to {name2}.",
                  "How many {item} does {name} have left?"),
-    WordTemplate("L3:more_than", "a-b", "{name} has {a} {item} and {name2} has {b} {item}.",
+    WordTemplate("L4:more_than", "a-b", "{name} has {a} {item} and {name2} has {b} {item}.",
                  "How many more {item} does {name} have than {name2}?"),
-    WordTemplate("L3:share", "a/b", "{name} shares {a} {item} equally among {b} friends.",
+    WordTemplate("L4:share", "a/b", "{name} shares {a} {item} equally among {b} friends.",
                  "How many {item} does each friend get?"),
-    WordTemplate("L3:pack", "a/b", "A factory packs {a} {item} into {containers} of {b}.",
+    WordTemplate("L4:pack", "a/b", "A factory packs {a} {item} into {containers} of {b}.",
                  "How many {containers} does it fill?"),
-    WordTemplate("L3:trips", "a/b", "A truck carries {b} {containers} per trip.",
+    WordTemplate("L4:trips", "a/b", "A truck carries {b} {containers} per trip.",
                  "How many trips does it need to move {a} {containers}?"),
 )
-"""Level 3: one operation."""
+"""Level 4: one operation."""
 
-LEVEL4_TEMPLATES = (
-    WordTemplate("L4:school", "a*b-c", "A district has {a} classes of {b} students. {c} students are absent "
+LEVEL5_TEMPLATES = (
+    WordTemplate("L5:school", "a*b-c", "A district has {a} classes of {b} students. {c} students are absent "
                  "and the district has {d} buses.", "How many students are present?"),
-    WordTemplate("L4:eggs", "a*b+c", "A farm fills {a} cartons with {b} eggs each and has {c} eggs left over.",
+    WordTemplate("L5:eggs", "a*b+c", "A farm fills {a} cartons with {b} eggs each and has {c} eggs left over.",
                  "How many eggs does the farm have?"),
-    WordTemplate("L4:tickets", "(a+b)*c", "A theater sold {a} tickets on Friday and {b} on Saturday at ${c} each.",
+    WordTemplate("L5:tickets", "(a+b)*c", "A theater sold {a} tickets on Friday and {b} on Saturday at ${c} each.",
                  "How many dollars did the tickets bring in?"),
-    WordTemplate("L4:broken", "(a-b)*c", "A factory made {a} chairs, but {b} were broken. Each good chair sells "
+    WordTemplate("L5:broken", "(a-b)*c", "A factory made {a} chairs, but {b} were broken. Each good chair sells "
                  "for ${c}.", "How many dollars do the good chairs bring in?"),
-    WordTemplate("L4:library", "a+b*c", "A library has {a} books and receives {b} boxes of {c} books.",
+    WordTemplate("L5:library", "a+b*c", "A library has {a} books and receives {b} boxes of {c} books.",
                  "How many books does it have now?"),
-    WordTemplate("L4:budget", "a-b*c", "{name} has ${a} and buys {b} {item} at ${c} each.",
+    WordTemplate("L5:budget", "a-b*c", "{name} has ${a} and buys {b} {item} at ${c} each.",
                  "How many dollars does {name} have left?"),
-    WordTemplate("L4:pool", "(a+b)/c", "{name} has {a} {item} and {name2} has {b}. They pack all of them into "
+    WordTemplate("L5:pool", "(a+b)/c", "{name} has {a} {item} and {name2} has {b}. They pack all of them into "
                  "{containers} of {c}.", "How many {containers} do they fill?"),
-    WordTemplate("L4:leftover_packs", "(a-b)/c", "{name} has {a} {item}, gives {b} away, and packs the rest "
+    WordTemplate("L5:leftover_packs", "(a-b)/c", "{name} has {a} {item}, gives {b} away, and packs the rest "
                  "into {containers} of {c}.", "How many {containers} are filled?"),
-    WordTemplate("L4:bonus", "a/b+c", "{a} {item} are split equally among {b} teams. Then each team gets {c} more.",
+    WordTemplate("L5:bonus", "a/b+c", "{a} {item} are split equally among {b} teams. Then each team gets {c} more.",
                  "How many {item} does each team have?"),
-    WordTemplate("L4:returns", "a*b-c", "{name} orders {a} {containers} of {b} {item} and returns {c} {item}.",
+    WordTemplate("L5:returns", "a*b-c", "{name} orders {a} {containers} of {b} {item} and returns {c} {item}.",
                  "How many {item} does {name} keep?"),
-    WordTemplate("L4:savings", "a*b+c", "{name} had ${c} and then saved ${b} every week for {a} weeks.",
+    WordTemplate("L5:savings", "a*b+c", "{name} had ${c} and then saved ${b} every week for {a} weeks.",
                  "How many dollars does {name} have now?"),
-    WordTemplate("L4:garden", "(a+b)*c", "{name} plants {a} rows of roses and {b} rows of tulips, with {c} "
+    WordTemplate("L5:garden", "(a+b)*c", "{name} plants {a} rows of roses and {b} rows of tulips, with {c} "
                  "flowers in each row.", "How many flowers are planted?"),
 )
-"""Level 4: two operations."""
+"""Level 5: two operations."""
 
 DISTRACTORS = (
     "{name2} lives {d} meters away.",
@@ -323,8 +376,9 @@ DISTRACTORS = (
     "The trip there took {d} minutes.",
 )
 """Irrelevant sentences, each with one number {d}."""
-DISTRACTOR_RATE = {3: 0.35, 4: 0.6}
-"""Chance that a word problem of the level gets a distractor (templates with their own {d} get none)."""
+DISTRACTOR_RATE = {3: 0.4, 4: 0.35, 5: 0.6}
+"""Chance that a question of the level gets an irrelevant sentence: a lead-in (`LEAD_INS`) at level 3,
+a distractor (`DISTRACTORS`) before the question at levels 4-5 (templates with their own {d} get none)."""
 
 NAMES = ("Ava", "Ben", "Maya", "Liam", "Zoe", "Omar", "Nina", "Leo", "Sara", "Ravi", "Emma", "Kai", "Lena",
          "Tom", "Iris", "Yusuf", "Mia", "Jon")
@@ -338,6 +392,7 @@ TEMPLATES_BY_LEVEL: dict[int, tuple[str, ...]] = {
     2: tuple(f"L2:{form}" for form in PLAIN_FORMS),
     3: tuple(t.name for t in LEVEL3_TEMPLATES),
     4: tuple(t.name for t in LEVEL4_TEMPLATES),
+    5: tuple(t.name for t in LEVEL5_TEMPLATES),
 }
 """Every template id, by level."""
 
@@ -355,14 +410,16 @@ class Generated:
 
 
 def generate(level: int, rng: random.Random, ranges: OperandRanges) -> Generated:
-    """A question of the given level (1-4), drawn with `rng` only."""
+    """A question of the given level (1-5), drawn with `rng` only."""
     if level in (1, 2):
         shape = rng.choice(list(TWO_OPERAND_SHAPES.values()) if level == 1 else THREE_OPERAND_SHAPES)
         form = rng.choice(list(PLAIN_FORMS))
         return plain_question(level, form, shape, rng.choice((ASCII_SYMBOLS, PRETTY_SYMBOLS)), rng, ranges)
-    if level in (3, 4):
-        return _word_question(level, rng.choice(LEVEL3_TEMPLATES if level == 3 else LEVEL4_TEMPLATES), rng, ranges)
-    raise ValueError(f"level must be 1, 2, 3 or 4, got {level!r}")
+    if level == 3:
+        return _worded_question(rng.choice(LEVEL3_TEMPLATES), rng, ranges)
+    if level in (4, 5):
+        return _word_question(level, rng.choice(LEVEL4_TEMPLATES if level == 4 else LEVEL5_TEMPLATES), rng, ranges)
+    raise ValueError(f"level must be 1, 2, 3, 4 or 5, got {level!r}")
 
 
 def plain_question(level: int, form: str, shape: str, symbols: dict[str, str], rng: random.Random,
@@ -373,14 +430,30 @@ def plain_question(level: int, form: str, shape: str, symbols: dict[str, str], r
     return Generated(question=question, expression=expression, template=f"L{level}:{form}")
 
 
-def _word_question(level: int, template: WordTemplate, rng: random.Random, ranges: OperandRanges) -> Generated:
-    """Fill a word template: operands, vocabulary, and maybe an irrelevant sentence."""
-    values = SHAPES[template.shape].sample(rng, ranges)
+def _slots(rng: random.Random, ranges: OperandRanges, values: Values) -> dict[str, object]:
+    """Placeholder values: the operands, vocabulary, and an irrelevant number {d}."""
     name, name2 = rng.sample(NAMES, 2)
     item, other = rng.sample(ITEMS, 2)
     container, containers = rng.choice(CONTAINERS)
-    slots = {"name": name, "name2": name2, "item": item, "other": other, "container": container,
-             "containers": containers, "d": _draw(rng, ranges.small), **values}
+    return {"name": name, "name2": name2, "item": item, "other": other, "container": container,
+            "containers": containers, "d": _draw(rng, ranges.small), **values}
+
+
+def _worded_question(template: WordedOperation, rng: random.Random, ranges: OperandRanges) -> Generated:
+    """Fill a level-3 phrasing, maybe after an irrelevant lead-in sentence."""
+    values = SHAPES[template.shape].sample(rng, ranges)
+    slots = _slots(rng, ranges, values)
+    sentences = [template.text]
+    if rng.random() < DISTRACTOR_RATE[3]:
+        sentences.insert(0, rng.choice(LEAD_INS))
+    question = " ".join(sentences).format(**slots)
+    return Generated(question=question, expression=SHAPES[template.shape].build(values), template=template.name)
+
+
+def _word_question(level: int, template: WordTemplate, rng: random.Random, ranges: OperandRanges) -> Generated:
+    """Fill a word template: operands, vocabulary, and maybe an irrelevant sentence."""
+    values = SHAPES[template.shape].sample(rng, ranges)
+    slots = _slots(rng, ranges, values)
     sentences = [template.setup]
     has_own_distractor = "{d}" in template.setup
     if not has_own_distractor and rng.random() < DISTRACTOR_RATE[level]:

@@ -200,6 +200,6 @@ async def calculator(expression: str) -> str:
     """Evaluate an arithmetic expression exactly.
 
     Args:
-        expression: The expression, e.g. '(482 + 1937) * 24'. Supports + - * / // % ** and parentheses.
+        expression: The expression to evaluate, written with numbers, + - * / // % ** and parentheses.
     """
     return evaluate(expression)

@@ -111,7 +111,7 @@ def load_policy(cfg: ModelConfig, device: str, path: str | None = None, trainabl
     tokenizer = loading.load_tokenizer(path)
     fmt = load_chat_format(tokenizer, cfg.chat_template)
     attn = cfg.attn_implementation if cfg.attn_implementation != "auto" else (
-        "eager" if device == "cpu" else "sdpa")
+        "tirl_gqa" if device == "cpu" else "sdpa")
     model = loading.load_causal_lm(path, torch.float32, attn, device)
     if trainable and cfg.lora.enabled:
         model = loading.apply_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)

@@ -38,6 +38,8 @@ class UpdateSettings:
     max_grad_norm: float | None = 1.0
     temperature: float = 1.0
     compute_dtype: torch.dtype = torch.float32
+    skip_zero_advantage: bool = True
+    """Do not run rows that cannot contribute a gradient (exact; see `_rows_with_gradient`)."""
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,8 @@ def advantages_for(groups: Sequence[TrajectoryGroup], s: UpdateSettings) -> Batc
 
 
 def rl_update(model, optimizer, batch: Batch, s: UpdateSettings, ref_model=None) -> dict[str, float]:
-    """`epochs` x `minibatches` optimizer steps on `batch`; returns token-weighted metrics."""
+    """`epochs` x `minibatches` optimizer steps on `batch`; returns token-weighted metrics of the rows
+    that were run (train/loss is the loss of the whole mini-batch)."""
     rows = list(range(len(batch.trajs)))
     if s.epochs > 1 or s.minibatches > 1:
         batch = _with_old_logprobs(model, batch, s)
@@ -80,20 +83,34 @@ def _minibatch_step(model, optimizer, batch: Batch, rows: list[int], s: UpdateSe
     num_tokens, num_seqs = loss_normalisers(batch.mask[rows])
     norm_constant = float(batch.mask.shape[1])
     sums: dict[str, float] = {}
-    for micro in _chunks(rows, s.micro_batch_size):
+    active = _rows_with_gradient(batch, rows, s)
+    total_loss = 0.0
+    for micro in _chunks(active, s.micro_batch_size):
         parts = _micro_loss(model, batch, micro, s, ref_model, (num_tokens, num_seqs, norm_constant))
         loss, weights, micro_metrics = parts
         loss.backward()
+        total_loss += float(loss.detach())
         for k, v in micro_metrics.items():
             sums[k] = sums.get(k, 0.0) + v * weights
     grad_norm = _clip(model, s.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    total = float(num_tokens)
-    out = {k: v / total for k, v in sums.items()} if total else {}
+    scored = float(batch.mask[active].sum()) if active else 0.0
+    out = {k: v / scored for k, v in sums.items()} if scored else {}
+    out["train/loss"] = total_loss
     out["train/grad_norm"] = grad_norm
-    out["train/tokens"] = total
+    out["train/tokens"] = float(num_tokens)
+    out["train/rows_skipped"] = float(len(rows) - len(active))
     return out
+
+
+def _rows_with_gradient(batch: Batch, rows: list[int], s: UpdateSettings) -> list[int]:
+    """Rows whose loss can have a gradient. With no KL and no entropy term, a row whose advantages are
+    all zero (e.g. a GRPO group where every sample got the same reward) contributes exactly nothing,
+    so it is not run at all; the normalisers still count it, so the update is unchanged."""
+    if s.kl_coef or s.entropy_coef or not s.skip_zero_advantage:
+        return rows
+    return [i for i in rows if bool((batch.advantages[i] * batch.mask[i]).abs().sum() > 0)]
 
 
 def _micro_loss(model, batch: Batch, micro: list[int], s: UpdateSettings, ref_model, norms):
@@ -124,7 +141,6 @@ def _micro_loss(model, batch: Batch, micro: list[int], s: UpdateSettings, ref_mo
         loss = loss - s.entropy_coef * entropy
     n = float(mask.sum())
     metrics["train/entropy"] = float((scored.entropy.detach() * mask).sum()) / max(n, 1.0)
-    metrics["train/loss"] = float(loss.detach()) * float(num_tokens) / max(n, 1.0)
     metrics["train/logprob_mismatch"] = _mismatch(trajs, scored.logprobs.detach(), mask)
     return loss, n, metrics
 

