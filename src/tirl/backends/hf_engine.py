@@ -13,6 +13,7 @@ their log-probabilities. What makes it fast on a CPU:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -77,6 +78,27 @@ def new_cache(model) -> DynamicCache:
 
 
 @dataclass
+class EngineStats:
+    """Cumulative counters of an engine (read them as differences around a phase)."""
+
+    prefill_tokens: int = 0
+    """Prompt tokens run through the model (after prefix sharing)."""
+    prefill_s: float = 0.0
+    decode_steps: int = 0
+    """Forward passes of one token per row."""
+    decode_s: float = 0.0
+    batches: int = 0
+
+    def as_metrics(self, since: EngineStats) -> dict[str, float]:
+        """Per-phase metrics between `since` and now."""
+        steps = self.decode_steps - since.decode_steps
+        decode_s, prefill_s = self.decode_s - since.decode_s, self.prefill_s - since.prefill_s
+        return {"gen/prefill_s": prefill_s, "gen/decode_s": decode_s, "gen/decode_steps": float(steps),
+                "gen/decode_ms_per_step": 1000 * decode_s / steps if steps else 0.0,
+                "gen/prefill_tokens_per_s": (self.prefill_tokens - since.prefill_tokens) / prefill_s if prefill_s else 0.0}
+
+
+@dataclass
 class _Row:
     """Decoding state of one request."""
 
@@ -111,6 +133,7 @@ class HFEngine:
         self.compact_fraction = compact_fraction
         self.device = next(model.parameters()).device
         self.tokens_generated = 0
+        self.stats = EngineStats()
 
     @torch.no_grad()
     def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
@@ -132,7 +155,17 @@ class HFEngine:
     def _run(self, rows: list[_Row], live: list[int]) -> None:
         cache = new_cache(self.model)
         prompts = [rows[i].request.prompt_ids for i in live]
+        t0 = time.perf_counter()
         logits, attn, next_pos = self._prefill(prompts, cache)
+        self.stats.prefill_s += time.perf_counter() - t0
+        self.stats.batches += 1
+        t0 = time.perf_counter()
+        try:
+            self._decode(rows, live, cache, logits, attn, next_pos)
+        finally:
+            self.stats.decode_s += time.perf_counter() - t0
+
+    def _decode(self, rows, live, cache, logits, attn, next_pos) -> None:
         active = list(live)  # row indices, aligned with the batch dimension
         finished_since_compact = 0
         while True:
@@ -150,6 +183,7 @@ class HFEngine:
                 tokens = [tokens[k] for k in keep]
                 active = [active[k] for k in keep]
                 finished_since_compact = 0
+            self.stats.decode_steps += 1
             step_ids = torch.tensor(tokens, device=self.device).unsqueeze(1)
             attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1)
             out = self.model(input_ids=step_ids, attention_mask=attn, position_ids=next_pos.unsqueeze(1),
@@ -163,6 +197,7 @@ class HFEngine:
         if c > 0:
             self.model(input_ids=torch.tensor([prompts[0][:c]], device=self.device), past_key_values=cache,
                        use_cache=True, logits_to_keep=1)
+            self.stats.prefill_tokens += c
         suffixes = [tuple(p[c:]) for p in prompts]
         unique: dict[tuple[int, ...], int] = {}
         row_to_unique = [unique.setdefault(s, len(unique)) for s in suffixes]
@@ -170,6 +205,7 @@ class HFEngine:
         if c > 0:
             cache.batch_repeat_interleave(len(uniq))
         width = max(len(s) for s in uniq)
+        self.stats.prefill_tokens += sum(len(s) for s in uniq)
         ids = torch.full((len(uniq), width), 0, dtype=torch.long)
         suffix_mask = torch.zeros((len(uniq), width), dtype=torch.long)
         pos = torch.zeros((len(uniq), width), dtype=torch.long)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +98,8 @@ def ensure_converted(name: str) -> Path:
     if (target / "config.json").is_file():
         return target
     gguf = package_gguf_path(model)
+    print(f"tirl: converting {EMBEDDED_PREFIX + model.name} from {gguf.name} (once; about 20 s) into {target}",
+          file=sys.stderr, flush=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{model.name}-", dir=target.parent))
     try:
@@ -114,7 +117,9 @@ def ensure_converted(name: str) -> Path:
 def _convert_gguf(gguf: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # transformers refuses to save a GGUF-loaded model; the weights are plain dense tensors by now.

@@ -87,9 +87,17 @@ def resolve_dtype(setting: str, device: str) -> Any:
     return table[setting]
 
 
+def _quiet_transformers() -> None:
+    """tirl shows its own progress; transformers' per-file bars only clutter the log."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
+    _quiet_transformers()
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -102,7 +110,7 @@ def load_causal_lm(path: str, dtype: Any, attn_implementation: str, device: str)
 
     if attn_implementation == "tirl_gqa":
         import tirl.models.attention  # noqa: F401 - registers the implementation
-
+    _quiet_transformers()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     return model.to(device)
 

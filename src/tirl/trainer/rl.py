@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from tirl.backends.base import SamplingParams
@@ -63,7 +64,7 @@ def run_rl(cfg: Config, policy: Policy, task: Task, tools: ToolSet, reward_fn: R
         for step in range(state["step"], cfg.rl.steps):
             t0 = time.monotonic()
             problems = [task.train_problem(cursor + i) for i in range(P)]
-            tokens_before = backend.engine.tokens_generated
+            tokens_before, stats_before = backend.engine.tokens_generated, replace(backend.engine.stats)
             groups = runner.run(rollout_groups(problems, make_env, backend, policy.fmt, spec, reward_fn,
                                                step=step, seed=cfg.run.seed, reward_state=reward_state))
             t1 = time.monotonic()
@@ -72,6 +73,7 @@ def run_rl(cfg: Config, policy: Policy, task: Task, tools: ToolSet, reward_fn: R
             t2 = time.monotonic()
             trajs = [t for g in groups for t in g.trajectories]
             metrics.update(trajectory_metrics(trajs))
+            metrics.update(backend.engine.stats.as_metrics(stats_before))
             metrics.update({"time/rollout_s": t1 - t0, "time/update_s": t2 - t1,
                             "speed/tokens_per_s": (backend.engine.tokens_generated - tokens_before) / (t1 - t0)})
             if cfg.rl.save_trajectories:
