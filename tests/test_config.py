@@ -34,6 +34,9 @@ def test_recipe_then_overrides(tmp_path):
     (["rl.steps=3", "rl.steps.x=1"], "is a value, not a section"),
     (["rl.steps.x=1"], "rl.steps: Input should be a valid integer"),
     (["rollout.max_new_tokens_per_turn=500", "rollout.max_new_tokens=100"], "cannot exceed"),
+    (["model.lora.r=4"], "model.lora.r has no effect unless model.lora.enabled=true"),
+    (["algorithm.kl_estimator=k2"], "algorithm.kl_estimator has no effect while algorithm.kl_coef is 0"),
+    (["rl.enabled=false"], "rl.enabled: unknown key"),
 ])
 def test_bad_values_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as e:
@@ -59,3 +62,13 @@ def test_yaml_round_trip():
     import yaml
 
     assert Config.model_validate(yaml.safe_load(cfg.to_yaml())) == cfg
+
+
+def test_a_saved_config_is_a_valid_recipe(tmp_path):
+    cfg = load_config(None, ["model.lora.enabled=true", "model.lora.r=4", "algorithm.kl_coef=0.01"])
+    recipe = tmp_path / "config.yaml"
+    recipe.write_text(cfg.to_yaml())
+    assert load_config(recipe) == cfg
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(load_config().to_yaml())
+    assert load_config(plain) == load_config()

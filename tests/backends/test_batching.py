@@ -36,6 +36,29 @@ def test_waits_for_live_participants_and_orders_by_key():
     assert seen == [[(0,), (1,), (2,)]]
 
 
+def test_trajectories_started_together_share_the_first_batch():
+    """Trajectories that submit in their first step (no await before) must not run one by one: the
+    first one to submit would otherwise find itself the only live participant."""
+    seen: list[int] = []
+
+    def run(reqs):
+        seen.append(len(reqs))
+        return [Completion((1,), (0.0,), "eos") for _ in reqs]
+
+    batcher = BarrierBatcher(run, max_batch_size=64)
+
+    async def trajectory(k):
+        async with batcher.participant():
+            await batcher.submit(_req((k, 0)))
+            await batcher.submit(_req((k, 1)))
+
+    async def main():
+        await asyncio.gather(*(trajectory(k) for k in range(32)))
+
+    asyncio.run(main())
+    assert seen == [32, 32]
+
+
 def test_chunks_to_max_batch_size():
     sizes = []
 

@@ -32,6 +32,8 @@ def test_train_writes_a_complete_run_directory(in_tmp, tiny_model_dir):
     results = json.loads((run / "results.json").read_text())["results"]
     assert set(results) == {"base", "base_no_tools", "sft", "final", "final_no_tools"}
     assert all(r["problems"] == 4 for r in results.values())
+    levels = {k for k in results["final"] if k.startswith("accuracy/level_")}
+    assert levels == {f"accuracy/level_{k}" for k in (1, 2, 3, 4)}  # held-out is stratified over levels
     for model in ("sft", "final"):
         assert (run / "models" / model / "config.json").is_file()
         assert "chat_template" in (run / "models" / model / "tokenizer_config.json").read_text() or \
@@ -54,3 +56,21 @@ def test_sft_only(in_tmp, tiny_model_dir):
     run = in_tmp / "runs" / "default"
     assert (run / "models" / "sft" / "config.json").is_file() and not (run / "models" / "final").exists()
     assert not (run / "eval").exists()
+
+
+def test_eval_interrupted_mid_write_resumes_without_redoing_finished_problems(in_tmp, tiny_model_dir):
+    args = ["eval", "--model", str(tiny_model_dir), "--task", "arithmetic", "eval.size=6", "eval.no_tools=false",
+            "rollout.max_new_tokens_per_turn=8", "rollout.max_new_tokens=16"]
+    assert main(args) == 0
+    [out] = (in_tmp / "runs").glob("eval-*/eval")
+    path = out / "eval.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    summary = json.loads((out / "eval.summary.json").read_text())
+    # a kill after four problems, in the middle of writing the fifth
+    path.write_text("".join(lines[:4]) + lines[4][:50])
+    (out / "eval.summary.json").unlink()
+    (out.parent / "results.json").unlink()
+    assert main(args) == 0
+    again = path.read_text().splitlines(keepends=True)
+    assert again[:4] == lines[:4] and len(again) == 6
+    assert json.loads((out / "eval.summary.json").read_text()) == summary

@@ -30,6 +30,7 @@ class BarrierBatcher:
         self._pending: list[tuple[GenerationRequest, asyncio.Future]] = []
         self._live = 0
         self._running = False
+        self._check_scheduled = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tirl-generate")
         self.batches_run = 0
         """Number of engine batches run so far (for metrics and tests)."""
@@ -52,6 +53,15 @@ class BarrierBatcher:
         return await fut
 
     def _maybe_flush(self) -> None:
+        # Decide on the next turn of the event loop, not now: trajectories started together (one
+        # `gather`) all register before the first of them is looked at, so the first batch is
+        # never just the first trajectory.
+        if not self._check_scheduled:
+            self._check_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_if_ready)
+
+    def _flush_if_ready(self) -> None:
+        self._check_scheduled = False
         if self._running or not self._pending or len(self._pending) < self._live:
             return
         batch = sorted(self._pending, key=lambda p: p[0].key)

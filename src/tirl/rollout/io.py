@@ -60,6 +60,21 @@ def append_jsonl(path: Path, trajectories: Iterable[Trajectory]) -> None:
             f.write(json.dumps(to_dict(t)) + "\n")
 
 
+def drop_partial_tail(path: Path) -> int:
+    """Cut an unfinished last line (a write interrupted by a kill) off a JSONL file; returns the bytes
+    removed. Complete lines are never touched."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return 0
+    keep = data.rfind(b"\n") + 1
+    with path.open("r+b") as f:
+        f.truncate(keep)
+    return len(data) - keep
+
+
 def read_jsonl(path: Path) -> Iterator[Trajectory]:
     """Trajectories of a JSONL file; a bad line raises naming the file and line."""
     with Path(path).open() as f:
