@@ -72,3 +72,10 @@ def test_a_saved_config_is_a_valid_recipe(tmp_path):
     plain = tmp_path / "plain.yaml"
     plain.write_text(load_config().to_yaml())
     assert load_config(plain) == load_config()
+
+
+def test_default_recipe_is_the_default():
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "default.yaml"
+    assert load_config(recipe) == load_config()

@@ -90,12 +90,16 @@ class EngineStats:
     batches: int = 0
 
     def as_metrics(self, since: EngineStats) -> dict[str, float]:
-        """Per-phase metrics between `since` and now."""
+        """Per-phase metrics between `since` and now. Counts are `gen/*` (a seeded run reproduces them);
+        clock readings are `time/*` and `speed/*` (they never do)."""
         steps = self.decode_steps - since.decode_steps
         decode_s, prefill_s = self.decode_s - since.decode_s, self.prefill_s - since.prefill_s
-        return {"gen/prefill_s": prefill_s, "gen/decode_s": decode_s, "gen/decode_steps": float(steps),
-                "gen/decode_ms_per_step": 1000 * decode_s / steps if steps else 0.0,
-                "gen/prefill_tokens_per_s": (self.prefill_tokens - since.prefill_tokens) / prefill_s if prefill_s else 0.0}
+        prefill_tokens = self.prefill_tokens - since.prefill_tokens
+        return {"gen/decode_steps": float(steps), "gen/prefill_tokens": float(prefill_tokens),
+                "gen/batches": float(self.batches - since.batches),
+                "time/prefill_s": prefill_s, "time/decode_s": decode_s,
+                "speed/decode_ms_per_step": 1000 * decode_s / steps if steps else 0.0,
+                "speed/prefill_tokens_per_s": prefill_tokens / prefill_s if prefill_s else 0.0}
 
 
 @dataclass

@@ -128,7 +128,7 @@ def _write_run_info(run_dir: Path, cfg: Config, path: str, device: str) -> None:
 
 def results_table(results: dict[str, dict[str, Any]]) -> Table:
     table = Table(title="held-out evaluation")
-    table.add_column("model")
+    table.add_column("model", no_wrap=True)
     for _, label in COLUMNS:
         table.add_column(label, justify="right")
     for name, summary in results.items():
