@@ -32,7 +32,7 @@ def test_recipe_then_overrides(tmp_path):
     (["nonsense=1"], "nonsense: unknown key"),
     (["rl"], "must look like section.key=value"),
     (["rl.steps=3", "rl.steps.x=1"], "is a value, not a section"),
-    (["rl.steps.x=1"], "rl.steps: Input should be a valid integer"),
+    (["rl.steps.x=1"], "override rl.steps.x: 'steps' is a value, not a section"),
     (["rollout.max_new_tokens_per_turn=500", "rollout.max_new_tokens=100"], "cannot exceed"),
     (["model.lora.r=4"], "model.lora.r has no effect unless model.lora.enabled=true"),
     (["algorithm.kl_estimator=k2"], "algorithm.kl_estimator has no effect while algorithm.kl_coef is 0"),
@@ -79,3 +79,13 @@ def test_default_recipe_is_the_default():
 
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "default.yaml"
     assert load_config(recipe) == load_config()
+
+
+def test_overriding_one_key_keeps_its_siblings(tmp_path):
+    """sft.optim defaults to lr 3e-5 with 2 warm-up steps, unlike OptimConfig's own defaults: setting
+    one key must not reset the others to OptimConfig's."""
+    cfg = load_config(None, ["sft.optim.lr=1e-4"])
+    assert cfg.sft.optim.lr == 1e-4 and cfg.sft.optim.warmup_steps == Config().sft.optim.warmup_steps == 2
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("rl:\n  optim:\n    weight_decay: 0.1\n")
+    assert load_config(recipe).rl.optim.lr == Config().rl.optim.lr

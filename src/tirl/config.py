@@ -170,16 +170,29 @@ class Config(_Section):
 
 
 def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- recipe YAML <- `key.sub=value` overrides; every error names the key."""
-    data: dict[str, Any] = {}
+    """Defaults <- recipe YAML <- `key.sub=value` overrides; every error names the key.
+
+    Recipes and overrides are merged into the dumped defaults, key by key: setting `rl.optim.lr`
+    keeps every other value of `rl.optim` (including defaults that differ from `OptimConfig`'s own).
+    """
+    data: dict[str, Any] = Config().model_dump(mode="json")
     if recipe is not None:
-        data = _read_yaml(Path(recipe))
+        _merge(data, _read_yaml(Path(recipe)))
     for item in overrides:
         _set_path(data, *_parse_override(item))
     try:
         return Config.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_explain(e, data)) from None
+
+
+def _merge(into: dict[str, Any], new: dict[str, Any]) -> None:
+    """Deep-merge mappings in place (`new` wins; lists and values are replaced, not merged)."""
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -414,3 +414,10 @@ def test_bad_indices_raise():
 
 def test_levels_order_does_not_matter():
     assert ArithmeticTask(levels=[3, 1]).heldout() == ArithmeticTask(levels=[1, 3]).heldout()
+
+
+@pytest.mark.parametrize("levels", [DEFAULT_LEVELS, (2, 5)])
+def test_train_levels_take_turns(levels):
+    """Every RL step of len(levels) prompts sees each level once (a random draw starved some levels)."""
+    task = ArithmeticTask(levels=levels)
+    assert [task.train_problem(i).info["level"] for i in range(12)] == [levels[i % len(levels)] for i in range(12)]

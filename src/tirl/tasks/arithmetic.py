@@ -5,8 +5,9 @@ tool and copy its result into `<answer>...</answer>`. The task is built for the 
 
 - `sft_problems`: a NARROW cold-start set (level 1, one template "What is {a} {op} {b}?", ASCII
   operators from `sft_ops`, all four by default) that teaches the call format;
-- `train_problem`: the BROAD stream (levels 1-4 by default, many templates and phrasings, irrelevant
-  numbers) that RL learns the strategy on; fixed by `seed`, each index drawn independently;
+- `train_problem`: the BROAD stream (levels 1-4 by default, taking turns; many templates and
+  phrasings, irrelevant numbers) that RL learns the strategy on; fixed by `seed`, each index drawn
+  independently;
 - `heldout`: a fixed evaluation split, independent of `seed`, stratified over `levels`, whose
   question texts never occur in the train stream or the SFT set.
 
@@ -107,12 +108,17 @@ class ArithmeticTask(Task):
         return {level: TEMPLATES_BY_LEVEL[level] for level in self.levels}
 
     def train_problem(self, index: int) -> Problem:
-        """The index-th train problem: a function of (seed, index) alone; never a held-out question."""
+        """The index-th train problem: a function of (seed, index) alone; never a held-out question.
+
+        Levels take turns (`levels[index % len(levels)]`), so every run of len(levels) consecutive
+        problems, such as one RL step of 4 prompts with the default levels, holds one of each: a random
+        draw gave one level 15 prompts and another 38 in a 96-prompt run.
+        """
         index = _check_int("index", index, lo=0)
         self._ensure_heldout()
+        level = self.levels[index % len(self.levels)]
         for attempt in range(_MAX_ATTEMPTS):
             rng = _rng("arithmetic", "train", self.seed, index, attempt)
-            level = rng.choice(self.levels)
             generated = generate(level, rng, self._ranges)
             if generated.question not in self._heldout_questions:
                 return _problem(f"arithmetic/train/{index}", level, generated)
