@@ -151,8 +151,8 @@ class Config(_Section):
             raise ValueError("rollout.max_new_tokens_per_turn cannot exceed rollout.max_new_tokens")
         # a key changed from its default that would do nothing is refused, not silently ignored
         # (compared with the defaults, so that a saved config.yaml is itself a valid recipe)
-        lora = self.model.lora
-        changed = [k for k in LoraConfig.model_fields if k != "enabled" and getattr(lora, k) != getattr(LoraConfig(), k)]
+        lora, lora_default = self.model.lora, LoraConfig()
+        changed = [k for k in LoraConfig.model_fields if k != "enabled" and getattr(lora, k) != getattr(lora_default, k)]
         if changed and not lora.enabled:
             raise ValueError(f"model.lora.{changed[0]} has no effect unless model.lora.enabled=true")
         if self.algorithm.kl_estimator != AlgorithmConfig().kl_estimator and self.algorithm.kl_coef == 0:

@@ -1,8 +1,9 @@
 """Evaluation: any task's held-out split, greedy or k samples, with or without tools; resumable.
 
 Trajectories are appended to `<out>/<name>.jsonl` chunk by chunk; problems already there are not
-run again after an interruption (a last line cut short by the interruption is dropped and redone). The summary (accuracy, tool use, error rates, ...) is written to
-`<out>/<name>.summary.json`.
+run again after an interruption (a last line cut short by the interruption is dropped and redone).
+The summary (accuracy, tool use, error rates, accuracy per level where problems carry one) is
+written to `<out>/<name>.summary.json`.
 """
 
 from __future__ import annotations

@@ -87,7 +87,7 @@ def resolve_dtype(setting: str, device: str) -> Any:
     return table[setting]
 
 
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
     """tirl shows its own progress; transformers' per-file bars only clutter the log."""
     from transformers.utils import logging as hf_logging
 
@@ -97,7 +97,7 @@ def _quiet_transformers() -> None:
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    _quiet_transformers()
+    quiet_transformers()
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -110,7 +110,7 @@ def load_causal_lm(path: str, dtype: Any, attn_implementation: str, device: str)
 
     if attn_implementation == "tirl_gqa":
         import tirl.models.attention  # noqa: F401 - registers the implementation
-    _quiet_transformers()
+    quiet_transformers()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     return model.to(device)
 

@@ -84,7 +84,8 @@ class ArithmeticTask(Task):
         """Validate the configuration; raises ValueError naming the bad keyword argument.
 
         `seed` fixes the train stream only; `levels` are the difficulty levels (from 1-5, default
-        1-4) drawn (train, uniformly) and stratified over (held-out); `heldout_size` is the held-out split's size;
+        1-4) that the train stream takes in turns and the held-out split is stratified over;
+        `heldout_size` is the held-out split's size;
         `sft_ops` are the operators of the narrow SFT set; `max_digits` bounds operand digits.
         """
         self.seed = _check_int("seed", seed, lo=None)
