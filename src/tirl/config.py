@@ -144,6 +144,9 @@ class Config(_Section):
     sft: SFTConfig = SFTConfig()
     eval: EvalConfig = EvalConfig()
     pipeline: PipelineConfig = PipelineConfig()
+    tools: dict[str, dict[str, Any]] = Field(default_factory=dict, description=(
+        "Settings per tool in task.tools: tools.<name>.<key> (see `tirl tools`); checked by the tool's "
+        "own settings model before any work starts."))
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:

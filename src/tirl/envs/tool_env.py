@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from tirl.chat.hermes import ParsedCall, parse_tool_calls
 from tirl.envs.base import Env, StepResult
 from tirl.tasks.base import Problem
-from tirl.tools.base import ToolSet, error_result
+from tirl.tools.base import error_result
+from tirl.tools.toolset import ToolSet
 from tirl.types import Message, StopReason, ToolResult, ToolStatus
 
 Parser = Callable[[str, str], list[ParsedCall]]
@@ -71,6 +72,10 @@ class ToolEnv(Env):
                               tool_results=tuple(results))
         observations = tuple(Message("tool", r.content, tool_call_id=r.call_id, name=r.name) for r in results)
         return StepResult(observations=observations, tool_calls=calls, tool_results=tuple(results))
+
+    async def close(self) -> None:
+        """Release this trajectory's tool sessions (a persistent interpreter, for one)."""
+        await self.tools.aclose()
 
     async def _run(self, parsed: ParsedCall, k: int) -> ToolResult:
         if parsed.call is None:

@@ -1,16 +1,10 @@
-"""The tool contract: `Tool`, the `@tool` decorator, `ToolSet` (validated, time-limited execution) and
-the `TOOLS` registry.
+"""The tool contract: `Tool`, the `@tool` decorator and the `TOOLS` registry (execution: `tirl.tools.toolset`).
 
 A tool has a `name`, a `description` and `parameters` (a JSON schema of type object) that the model
 reads, a `validate` step that checks the model's arguments against that schema, and an async `run`.
 `@tool` builds one from a typed Python function with a Google-style docstring through a single schema
 path: signature -> pydantic model -> JSON schema, and the same pydantic model validates the arguments,
 so what the model is told and what is accepted cannot disagree.
-
-`ToolSet.execute` never raises for anything the model did (invariant 4): an unknown name, bad
-arguments, an exception inside the tool, a timeout and an over-long output each become a
-`ToolResult` whose content is the error text the model sees. Only `asyncio.CancelledError` (the
-caller cancelling) propagates.
 
 Limits of in-process tools: a synchronous tool runs in its own daemon thread. On timeout the call
 returns a `timeout` result at once, but Python cannot kill a thread, so a hung synchronous tool keeps
@@ -56,6 +50,12 @@ class ToolArgumentError(ValueError):
     """
 
 
+class TransientToolError(RuntimeError):
+    """A failure worth retrying (a lost connection, a restarting server): `ToolSet` retries it with
+    backoff when the tool's `ExecutionPolicy` allows retries. Never raise it for a timeout of
+    model-written code or for anything the model's arguments caused."""
+
+
 class Tool(ABC):
     """Something the model can call. Subclasses set the three attributes and implement `run`."""
 
@@ -86,6 +86,24 @@ class Tool(ABC):
 
         Any other return value is JSON-encoded by `ToolSet.execute` (or `str()`-ed if it cannot be).
         """
+
+    def session(self) -> Tool:
+        """The instance one trajectory uses (default: this one, shared).
+
+        A stateful tool (a persistent interpreter) returns a fresh per-trajectory object here; the
+        env calls its `aclose` when the trajectory ends.
+        """
+        return self
+
+    async def aclose(self) -> None:
+        """Release what this instance holds (a session's interpreter; a provider's pool or connection)."""
+
+    def describe(self) -> dict[str, Any]:
+        """Properties of the tool that define the environment (isolation, statefulness, corpus, ...).
+
+        Recorded in the run directory so that training and evaluation can be checked to match.
+        """
+        return {}
 
     def schema(self) -> dict[str, Any]:
         """The tool as an OpenAI function-tool dict, as chat templates and APIs expect it."""
@@ -367,12 +385,20 @@ async def run_in_daemon_thread(fn: Callable[..., Any], /, *args: Any, **kwargs: 
 
 
 # ---------------------------------------------------------------------------------------------------
-# ToolSet: the tools of one environment, and safe execution
+# Checks and errors
 
 
 def error_result(call_id: str, name: str, status: ToolStatus, message: str) -> ToolResult:
     """A failed call's result; the model sees `"Error: " + message`."""
     return ToolResult(call_id=call_id, name=name, content=f"Error: {message}", status=status)
+
+
+def describe_exception(error: BaseException) -> str:
+    """'ExceptionType: message', the message cut to `MAX_ERROR_MESSAGE_CHARS`; no traceback."""
+    message = str(error).strip()
+    if len(message) > MAX_ERROR_MESSAGE_CHARS:
+        message = message[:MAX_ERROR_MESSAGE_CHARS] + "..."
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
 
 
 def check_tool(t: Tool) -> None:
@@ -391,126 +417,6 @@ def check_tool(t: Tool) -> None:
         jsonschema.Draft202012Validator.check_schema(parameters)
     except jsonschema.SchemaError as e:
         raise ValueError(f"tool {name!r}: parameters is not a valid JSON schema: {e.message}") from e
-
-
-class ToolSet:
-    """The tools available in one environment, by name; executes calls without ever raising."""
-
-    def __init__(self, tools: Iterable[Tool]):
-        """Raises `ValueError` on duplicate names and on tools that fail `check_tool`."""
-        self._tools: dict[str, Tool] = {}
-        for t in tools:
-            check_tool(t)
-            if t.name in self._tools:
-                raise ValueError(f"duplicate tool name {t.name!r} in tool set")
-            self._tools[t.name] = t
-
-    @property
-    def names(self) -> list[str]:
-        """Tool names, in the order given."""
-        return list(self._tools)
-
-    def schemas(self) -> list[dict[str, Any]]:
-        """OpenAI function-tool dicts of every tool, in order."""
-        return [t.schema() for t in self._tools.values()]
-
-    def get(self, name: str) -> Tool:
-        """The tool called `name`; `KeyError` listing the valid names otherwise."""
-        if name not in self._tools:
-            raise KeyError(f"unknown tool {name!r}; available: {', '.join(self._tools) or 'none'}")
-        return self._tools[name]
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._tools
-
-    def __iter__(self) -> Iterator[Tool]:
-        return iter(self._tools.values())
-
-    def __len__(self) -> int:
-        return len(self._tools)
-
-    async def execute(
-        self, call: ToolCall, *, default_timeout_s: float = 10.0, max_output_chars: int = 2000
-    ) -> ToolResult:
-        """Validate and run one call; every failure becomes an error `ToolResult` (see `ToolStatus`).
-
-        The time limit is the tool's `timeout_s`, or `default_timeout_s` when that is None. Output
-        longer than `max_output_chars` keeps its head plus a `\\n...[truncated M characters]` marker.
-        `latency_s` covers validation and execution. Raises only `asyncio.CancelledError`.
-        """
-        start = time.perf_counter()
-        result = await self._execute(call, default_timeout_s)
-        result = _truncate(result, max_output_chars)
-        return dataclasses.replace(result, latency_s=time.perf_counter() - start)
-
-    async def _execute(self, call: ToolCall, default_timeout_s: float) -> ToolResult:
-        t = self._tools.get(call.name)
-        if t is None:
-            available = ", ".join(self._tools) or "none"
-            message = f"unknown tool {call.name!r}. Available tools: {available}."
-            return error_result(call.id, call.name, ToolStatus.UNKNOWN_TOOL, message)
-        try:
-            arguments = t.validate(call.arguments)
-        except ToolArgumentError as e:
-            message = f"invalid arguments for {t.name}: {e}"
-            return error_result(call.id, t.name, ToolStatus.VALIDATION_ERROR, message)
-        except Exception as e:  # a faulty custom `validate`: still not the caller's crash
-            return error_result(call.id, t.name, ToolStatus.EXECUTION_ERROR, describe_exception(e))
-        timeout_s = t.timeout_s if t.timeout_s is not None else default_timeout_s
-        try:
-            outcome = await asyncio.wait_for(_run_capturing(t, arguments), timeout_s)
-        except TimeoutError:
-            message = f"tool {t.name!r} timed out after {timeout_s:g} s"
-            return error_result(call.id, t.name, ToolStatus.TIMEOUT, message)
-        if isinstance(outcome, _Raised):
-            return error_result(call.id, t.name, ToolStatus.EXECUTION_ERROR, describe_exception(outcome.error))
-        if isinstance(outcome, ToolResult):
-            return dataclasses.replace(outcome, call_id=call.id, name=t.name)
-        return ToolResult(call_id=call.id, name=t.name, content=_to_text(outcome))
-
-
-@dataclasses.dataclass(frozen=True)
-class _Raised:
-    """An exception raised by a tool, carried out of `wait_for` so it cannot pass for a timeout."""
-
-    error: BaseException
-
-
-async def _run_capturing(t: Tool, arguments: dict[str, Any]) -> Any:
-    try:
-        return await t.run(**arguments)
-    except asyncio.CancelledError as e:
-        if asyncio.current_task().cancelling():  # cancelled from outside (timeout or caller): propagate
-            raise
-        return _Raised(e)  # the tool's own code was cancelled: that is the tool failing
-    except (Exception, SystemExit) as e:
-        return _Raised(e)
-
-
-def describe_exception(error: BaseException) -> str:
-    """'ExceptionType: message', the message cut to `MAX_ERROR_MESSAGE_CHARS`; no traceback."""
-    message = str(error).strip()
-    if len(message) > MAX_ERROR_MESSAGE_CHARS:
-        message = message[:MAX_ERROR_MESSAGE_CHARS] + "..."
-    return f"{type(error).__name__}: {message}" if message else type(error).__name__
-
-
-def _to_text(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    try:
-        return json.dumps(value, ensure_ascii=False)
-    except (TypeError, ValueError):
-        return str(value)
-
-
-def _truncate(result: ToolResult, max_chars: int) -> ToolResult:
-    extra = len(result.content) - max_chars
-    if extra <= 0:
-        return result
-    content = f"{result.content[:max_chars]}\n...[truncated {extra} characters]"
-    status = ToolStatus.OUTPUT_TRUNCATED if result.status is ToolStatus.OK else result.status
-    return dataclasses.replace(result, content=content, status=status)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from tirl.rewards.base import RewardFn
 from tirl.rollout.agent import TurnLimits
 from tirl.tasks import TASKS
 from tirl.tasks.base import Problem, Task
-from tirl.tools import ToolSet, get_tools
+from tirl.tools import ToolSet, build_toolset, check_toolset
 
 
 @dataclass
@@ -61,7 +61,7 @@ def preflight(cfg: Config) -> None:
     if cfg.pipeline.sft or cfg.pipeline.rl or cfg.pipeline.eval_before:
         loading.resolve(cfg.model.name)
     task = build_task(cfg.task)
-    build_tools(cfg.task, task)
+    check_tools(cfg, task)
     build_reward(cfg.task, task)
     for registry, name in ((ADVANTAGES, cfg.algorithm.advantage), (POLICY_LOSSES, cfg.algorithm.loss)):
         try:
@@ -89,12 +89,24 @@ def build_task(cfg: TaskConfig) -> Task:
         raise ConfigError(f"task.kwargs for {cfg.name!r}: {e}") from None
 
 
-def build_tools(cfg: TaskConfig, task: Task) -> ToolSet:
-    names = cfg.tools if cfg.tools is not None else list(task.default_tools)
+def tool_names(cfg: TaskConfig, task: Task) -> list[str]:
+    return cfg.tools if cfg.tools is not None else list(task.default_tools)
+
+
+def check_tools(cfg: Config, task: Task) -> None:
+    """Names and `tools.<name>` settings checked without building anything."""
     try:
-        return ToolSet(get_tools(names))
+        check_toolset(tool_names(cfg.task, task), cfg.tools)
     except (RegistryError, TypeError, ValueError) as e:
-        raise ConfigError(f"task.tools: {e}") from None
+        raise ConfigError(f"task.tools: {e}" if not str(e).startswith("tools.") else str(e)) from None
+
+
+def build_tools(cfg: Config, task: Task) -> ToolSet:
+    """The run's tools, configured from `tools.<name>`; call `shutdown()` on it at the end."""
+    try:
+        return build_toolset(tool_names(cfg.task, task), cfg.tools)
+    except (RegistryError, TypeError, ValueError) as e:
+        raise ConfigError(f"task.tools: {e}" if not str(e).startswith("tools.") else str(e)) from None
 
 
 def build_reward(cfg: TaskConfig, task: Task) -> RewardFn:
@@ -167,4 +179,5 @@ class EnvFactory:
                               "shows them to the model; use model.chat_template=auto or chatml-tools")
 
     def __call__(self, problem: Problem) -> ToolEnv:
-        return ToolEnv(problem, self.system_prompt, self.tools, self.limits)
+        """A new env with its own session view of the tools (closed with the env)."""
+        return ToolEnv(problem, self.system_prompt, self.tools.session(), self.limits)

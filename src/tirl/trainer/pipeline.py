@@ -7,6 +7,7 @@ checkpoint. A run directory belongs to one config: re-running with a different o
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from tirl.trainer.display import console
 from tirl.trainer.logging import MetricsLogger
 from tirl.trainer.rl import run_rl
 from tirl.trainer.sft import run_sft
+from tirl.tools import ToolSet
 
 COLUMNS = (("accuracy", "accuracy"), ("tool_calls/rate", "tool-call rate"), ("tool_calls/mean", "tool calls"),
            ("tool_calls/invalid_rate", "invalid calls"), ("tokens/sampled_mean", "tokens"))
@@ -69,11 +71,18 @@ def run_pipeline(cfg: Config) -> dict[str, dict[str, Any]]:
     setup_threads(cfg.run.threads)
     device = pick_device(cfg.run.device)
     task, reward_fn = build_task(cfg.task), None
-    tools = build_tools(cfg.task, task)
+    tools = build_tools(cfg, task)
+    try:
+        return _run_stages(cfg, run_dir, device, task, tools)
+    finally:
+        asyncio.run(tools.shutdown())
+
+
+def _run_stages(cfg: Config, run_dir: Path, device: str, task, tools: ToolSet) -> dict[str, dict[str, Any]]:
     reward_fn = build_reward(cfg.task, task)
     logger = MetricsLogger(run_dir, cfg.run.tensorboard)
     path = loading.materialize(loading.resolve(cfg.model.name))
-    _write_run_info(run_dir, cfg, path, device)
+    _write_run_info(run_dir, cfg, path, device, tools)
     results: dict[str, dict[str, Any]] = {}
     t0 = time.monotonic()
     p = cfg.pipeline
@@ -119,10 +128,11 @@ def _evaluate(cfg: Config, name: str, path: str, task, tools, reward_fn, run_dir
     return out
 
 
-def _write_run_info(run_dir: Path, cfg: Config, path: str, device: str) -> None:
+def _write_run_info(run_dir: Path, cfg: Config, path: str, device: str, tools: ToolSet) -> None:
+    """run.json: versions, model, device, and each tool's environment-defining properties."""
     dtype = loading.resolve_dtype(cfg.model.dtype, device)
     info = {"tirl_version": __version__, "model": cfg.model.name, "model_path": path, "device": device,
-            "compute_dtype": str(dtype).removeprefix("torch.")}
+            "compute_dtype": str(dtype).removeprefix("torch."), "tools": tools.describe()}
     (run_dir / "run.json").write_text(json.dumps(info, indent=1))
 
 
