@@ -17,6 +17,7 @@ from tirl.tools.base import (
     tool,
 )
 from tirl.tools.calculator import calculator, evaluate
+from tirl.tools import python as _python  # noqa: F401  (registers the `python` provider)
 from tirl.tools.providers import ToolProvider, ToolSettings, build_toolset, check_toolset, register_provider
 from tirl.tools.toolset import ExecutionPolicy, ToolSet
 
