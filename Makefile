@@ -9,9 +9,20 @@ BIN := $(VENV)/bin
 # A CPU wheel of this version is picked up where one is offered (set TORCH to choose another build).
 TORCH ?= torch==2.13.0
 
-.PHONY: install train test clean
+.PHONY: install system-deps train test clean
 
-install: $(VENV)/.installed
+install: system-deps $(VENV)/.installed
+
+# bubblewrap isolates the python tool (the default; tirl refuses to run model code without it unless
+# told otherwise). Installed with apt-get where we are root, otherwise named with the command to run.
+system-deps:
+	@command -v bwrap >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get install -y -qq bubblewrap >/dev/null 2>&1 || \
+	     (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq bubblewrap >/dev/null)); \
+	  else \
+	    echo "bubblewrap is missing: sudo apt-get install bubblewrap (dnf/pacman: bubblewrap)"; exit 1; \
+	  fi; }
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)

@@ -177,3 +177,19 @@ def test_check_trajectory_catches_corruption(smol_format):
     bad_lp[traj.turns[0].gen_end] = -1.0  # an inserted token with a log-prob
     with pytest.raises(InvariantError, match="log-prob"):
         check_trajectory(dataclasses.replace(traj, logprobs=tuple(bad_lp)), smol_format)
+
+
+def test_per_tool_metrics_count_calls_latency_and_statuses():
+    from tirl.rollout.metrics import per_tool_metrics
+    from tirl.types import ToolResult
+
+    results = [ToolResult("a", "python", "1", ToolStatus.OK, 0.5), ToolResult("b", "python", "E", ToolStatus.TIMEOUT, 1.5),
+               ToolResult("c", "search", "x", ToolStatus.OK, 0.25),
+               ToolResult("d", "made_up", "E", ToolStatus.UNKNOWN_TOOL, 0.0),
+               ToolResult("e", "", "E", ToolStatus.INVALID_CALL, 0.0)]
+    m = per_tool_metrics(results)
+    assert m["tool/python/calls"] == 2 and m["tool/search/calls"] == 1
+    assert m["time/tool/python/latency_mean_s"] == 1.0 and m["time/tool/python/latency_max_s"] == 1.5
+    assert m["tool/python/status/ok"] == 1 and m["tool/python/status/timeout"] == 1
+    assert m["tool/_unresolved/calls"] == 2  # names the model invented do not become metric keys
+    assert not any("made_up" in k for k in m)

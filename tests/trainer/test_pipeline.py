@@ -74,3 +74,15 @@ def test_eval_interrupted_mid_write_resumes_without_redoing_finished_problems(in
     again = path.read_text().splitlines(keepends=True)
     assert again[:4] == lines[:4] and len(again) == 6
     assert json.loads((out / "eval.summary.json").read_text()) == summary
+
+
+def test_train_with_the_python_tool_records_its_sandbox(in_tmp, tiny_model_dir):
+    """The arithmetic recipe with the sandboxed interpreter instead of the calculator: SFT traces run their
+    calls through the sandbox, and run.json records the isolation and the interpreter mode."""
+    args = ["train", f"model.name={tiny_model_dir}", *FAST, "task.kwargs.tool=python",
+            "tools.python.preload=[math]", "pipeline.eval_before=false"]
+    assert main(args) == 0
+    info = json.loads((in_tmp / "runs" / "default" / "run.json").read_text())
+    python = info["tools"]["python"]
+    assert (python["isolation"], python["mode"]) == ("bwrap", "persistent")
+    assert list(info["tools"]) == ["python"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 
-from tirl.types import StopReason, ToolStatus, Trajectory
+from tirl.types import StopReason, ToolResult, ToolStatus, Trajectory
 
 
 def trajectory_metrics(trajs: Sequence[Trajectory]) -> dict[str, float]:
@@ -27,12 +27,34 @@ def trajectory_metrics(trajs: Sequence[Trajectory]) -> dict[str, float]:
                                     if results else 0.0)
     for status in ToolStatus:
         m[f"tool_status/{status.value}"] = float(counts.get(status, 0))
+    m.update(per_tool_metrics(results))
     stops = Counter(t.stop_reason for t in trajs)
     for reason in StopReason:
         m[f"stop/{reason.value}"] = stops.get(reason, 0) / n
     m["tokens/sampled_mean"] = _mean(t.num_sampled_tokens for t in trajs)
     m["tokens/response_mean"] = _mean(len(t.response_ids) for t in trajs)
     m["turns/mean"] = _mean(len(t.turns) for t in trajs)
+    return m
+
+
+UNRESOLVED = "_unresolved"
+"""Metric name for calls that named no runnable tool (unparseable or unknown names): keys stay bounded."""
+
+
+def per_tool_metrics(results: Sequence[ToolResult]) -> dict[str, float]:
+    """Per tool: `tool/<name>/calls` and `tool/<name>/status/<status>` counts, and the clock readings
+    `time/tool/<name>/latency_mean_s` and `latency_max_s` (under time/, like every clock reading)."""
+    by_tool: dict[str, list[ToolResult]] = {}
+    for r in results:
+        name = UNRESOLVED if r.status in (ToolStatus.INVALID_CALL, ToolStatus.UNKNOWN_TOOL) or not r.name else r.name
+        by_tool.setdefault(name, []).append(r)
+    m: dict[str, float] = {}
+    for name, rs in sorted(by_tool.items()):
+        m[f"tool/{name}/calls"] = float(len(rs))
+        m[f"time/tool/{name}/latency_mean_s"] = _mean(r.latency_s for r in rs)
+        m[f"time/tool/{name}/latency_max_s"] = max(r.latency_s for r in rs)
+        for status, count in sorted(Counter(r.status.value for r in rs).items()):
+            m[f"tool/{name}/status/{status}"] = float(count)
     return m
 
 

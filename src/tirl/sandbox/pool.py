@@ -6,12 +6,14 @@ ending it kills every process it made and wipes /tmp and the workspace, so the n
 as clean as a new sandbox (only SysV IPC objects of the sandbox's private IPC namespace could
 outlive a session). Sandboxes are started on demand up to `max_sandboxes`; past that, a new session
 takes the sandbox of the least recently used idle session, whose state is then lost (it is told so
-at its next call). `stateless` calls borrow a sandbox for one fresh execution.
+at its next call, and the first eviction is announced): keep `max_sandboxes` at or above the number
+of trajectories rolled out at once (64 by default; the default job runs 32). `stateless` calls borrow a sandbox for one fresh execution.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 
 from tirl.sandbox.isolation import LaunchSpec
@@ -33,6 +35,8 @@ class SandboxPool:
         self.closed = False
         self.started = 0
         """Sandboxes started so far (a metric of how warm the pool stays)."""
+        self.evictions = 0
+        """Sessions whose sandbox was taken for another session (their state was lost)."""
 
     def _free_slot(self) -> int:
         used = {sb.slot for sb in self.holders}
@@ -54,6 +58,11 @@ class SandboxPool:
                 return await self._start(holder)
             victim = self._eviction_candidate()
             if victim is not None:
+                if not self.evictions:
+                    print(f"tirl sandbox: more than max_sandboxes={self.max_sandboxes} sessions are open; idle "
+                          "sessions lose their interpreter state (raise tools.python.max_sandboxes to avoid it)",
+                          file=sys.stderr)
+                self.evictions += 1
                 sb = victim.sandbox
                 victim.evict()
                 await self._reset_or_kill(sb)

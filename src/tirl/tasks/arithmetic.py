@@ -47,6 +47,8 @@ LEVELS = (1, 2, 3, 4, 5)
 DEFAULT_LEVELS = (1, 2, 3, 4)
 """The default `levels`: level 5 is left out because it gives a small model no RL signal (see above)."""
 OPERATORS = ("+", "-", "*", "/")
+TOOL_CHOICES = ("calculator", "python")
+"""Tools the task can be set to be solved with (`tool` keyword)."""
 """Operators allowed in `sft_ops`."""
 MAX_DIGITS_RANGE = (3, 6)
 """Inclusive bounds of `max_digits`."""
@@ -60,13 +62,19 @@ def _rng(*key: object) -> random.Random:
     return random.Random(int.from_bytes(digest[:16], "big"))
 
 
-def _problem(problem_id: str, level: int, generated: Generated) -> Problem:
-    """Wrap a generated question; the answer and the call come from the same expression tree."""
+def _problem(problem_id: str, level: int, generated: Generated, tool: str = "calculator") -> Problem:
+    """Wrap a generated question; the answer and the call come from the same expression tree.
+
+    With `tool="python"` the call is the expression as Python code (`//` for the exact divisions).
+    """
     value = evaluate(generated.expression)
     if value.denominator != 1 or value <= 0:
         raise AssertionError(f"generated a non-positive or fractional answer {value} for {generated.question!r}")
     expression = render(generated.expression, ASCII_SYMBOLS)
-    call = ToolCall(id="call_0", name="calculator", arguments={"expression": expression})
+    if tool == "python":
+        call = ToolCall(id="call_0", name="python", arguments={"code": expression.replace("/", "//")})
+    else:
+        call = ToolCall(id="call_0", name="calculator", arguments={"expression": expression})
     return Problem(id=problem_id, question=generated.question, answer=str(value.numerator), reference_calls=(call,),
                    info={"level": level, "template": generated.template, "expression": expression})
 
@@ -80,14 +88,20 @@ class ArithmeticTask(Task):
     default_reward = "arithmetic"
 
     def __init__(self, seed: int = 0, levels: Sequence[int] = DEFAULT_LEVELS, heldout_size: int = 100,
-                 sft_ops: Sequence[str] = OPERATORS, max_digits: int = 4):
+                 sft_ops: Sequence[str] = OPERATORS, max_digits: int = 4, tool: str = "calculator"):
         """Validate the configuration; raises ValueError naming the bad keyword argument.
 
         `seed` fixes the train stream only; `levels` are the difficulty levels (from 1-5, default
         1-4) that the train stream takes in turns and the held-out split is stratified over;
         `heldout_size` is the held-out split's size;
-        `sft_ops` are the operators of the narrow SFT set; `max_digits` bounds operand digits.
+        `sft_ops` are the operators of the narrow SFT set; `max_digits` bounds operand digits;
+        `tool` is what the problems are meant to be solved with (`calculator` or `python`): it sets
+        the default tools, the system prompt and the SFT traces' calls.
         """
+        if tool not in TOOL_CHOICES:
+            raise ValueError(f"tool must be one of {list(TOOL_CHOICES)}, got {tool!r}")
+        self.tool = tool
+        self.default_tools = (tool,)
         self.seed = _check_int("seed", seed, lo=None)
         self.levels = _check_choices("levels", levels, LEVELS)
         self.heldout_size = _check_int("heldout_size", heldout_size, lo=1)
@@ -100,7 +114,7 @@ class ArithmeticTask(Task):
     def system_prompt(self, with_tools: bool) -> str:
         """Short instructions; the answer always goes in `<answer>number</answer>`."""
         if with_tools:
-            return ("Solve the problem. Use the calculator tool for every calculation, "
+            return (f"Solve the problem. Use the {self.tool} tool for every calculation, "
                     "then give the final answer as <answer>number</answer>.")
         return "Solve the problem and give the final answer as <answer>number</answer>."
 
@@ -122,7 +136,7 @@ class ArithmeticTask(Task):
             rng = _rng("arithmetic", "train", self.seed, index, attempt)
             generated = generate(level, rng, self._ranges)
             if generated.question not in self._heldout_questions:
-                return _problem(f"arithmetic/train/{index}", level, generated)
+                return _problem(f"arithmetic/train/{index}", level, generated, self.tool)
         raise RuntimeError(f"train problem {index}: every attempt collided with the held-out split")
 
     def heldout(self) -> list[Problem]:
@@ -149,7 +163,7 @@ class ArithmeticTask(Task):
         for i in range(count):
             generated = self._fresh(seen, "sft", i, self._sft_question)
             seen.add(generated.question)
-            problems.append(_problem(f"arithmetic/sft/{i}", 1, generated))
+            problems.append(_problem(f"arithmetic/sft/{i}", 1, generated, self.tool))
         return problems
 
     def _sft_question(self, rng: random.Random) -> Generated:
@@ -166,7 +180,7 @@ class ArithmeticTask(Task):
             level = self.levels[i % len(self.levels)]
             generated = self._fresh(seen, "heldout", i, lambda rng, lv=level: generate(lv, rng, self._ranges))
             seen.add(generated.question)
-            problems.append(_problem(f"arithmetic/heldout/{i}", level, generated))
+            problems.append(_problem(f"arithmetic/heldout/{i}", level, generated, self.tool))
         self._heldout = problems
         self._heldout_questions = frozenset(seen)
 
