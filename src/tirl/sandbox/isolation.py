@@ -42,6 +42,8 @@ SANDBOX_WORKSPACE = "/workspace"
 SANDBOX_ETC_FILES = ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/localtime", "/etc/nsswitch.conf")
 UID_BASE = 61000
 """Sandbox k of a root trainer runs as uid UID_BASE + k (no login; nothing on the host owns it)."""
+SANDBOX_NICE = 5
+"""Scheduling niceness of sandboxed code, so that many executions at once do not starve the trainer."""
 LANDLOCK_ABI_MIN = 4
 """Landlock ABI that also restricts TCP (kernel 6.7+)."""
 
@@ -109,7 +111,8 @@ def worker_options(spec: LaunchSpec, workspace: str, wipe: list[str], pid_namesp
     if spec.cgroups is None and running_as_root() and spec.level != "none":
         session_limits["processes"] = limits.processes  # per dedicated uid, so it counts only this sandbox
     return {"preload": list(spec.preload), "workspace": workspace, "wipe": wipe, "pid_namespace": pid_namespace,
-            "limits": session_limits, "max_output_bytes": limits.max_output_bytes, "parent_death_signal": True}
+            "limits": session_limits, "max_output_bytes": limits.max_output_bytes, "parent_death_signal": True,
+            "nice": SANDBOX_NICE}
 
 
 def bwrap_command(spec: LaunchSpec, worker_fd: int, seccomp_fd: int | None) -> list[str]:

@@ -426,6 +426,7 @@ def main():
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1):
         os.dup2(devnull, fd)
+    os.nice(options.get("nice", 0))  # model code yields the CPU to the trainer
     if options.get("parent_death_signal"):
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
