@@ -446,6 +446,9 @@ def get_tools(names: Iterable[str]) -> list[Tool]:
 def _as_tool(obj: Any, name: str) -> Tool:
     if isinstance(obj, Tool):
         return obj
+    if hasattr(obj, "settings_model") and hasattr(obj, "build"):  # a configurable tool (providers.py)
+        raise TypeError(f"{name!r} is a configurable tool: build it with tirl.tools.build_toolset([{name!r}], "
+                        f"{{{name!r}: {{...settings}}}})")
     if isinstance(obj, type) and issubclass(obj, Tool):
         return obj()
     if inspect.isroutine(obj):
