@@ -20,6 +20,7 @@ from tirl.tools.calculator import calculator, evaluate
 from tirl.tools import python as _python  # noqa: F401  (registers the configurable tools)
 from tirl.tools import search as _search  # noqa: F401
 from tirl.tools import sql as _sql  # noqa: F401
+from tirl.tools import mcp as _mcp  # noqa: F401
 from tirl.tools.providers import ToolProvider, ToolSettings, build_toolset, check_toolset, register_provider
 from tirl.tools.toolset import ExecutionPolicy, ToolSet
 
