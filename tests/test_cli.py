@@ -27,6 +27,8 @@ def tirl(*args, cwd=None, timeout=120):
     (["train", "algorithm.advantage=nope"], "unknown advantage estimator 'nope'"),
     (["train", "task.kwargs.levels=[9]"], "task.kwargs for 'arithmetic'"),
     (["eval", "--model", "/no/such/dir", "--task", "arithmetic"], "does not exist"),
+    (["serve-tools", "--tools", "calculator", "--port", "0", "--token", "short"], "at least 16 characters"),
+    (["serve-tools", "--tools", "nope", "--port", "0"], "unknown tool 'nope'"),
 ])
 def test_errors_are_one_line_and_before_any_work(tmp_path, args, message):
     proc, seconds = tirl(*args, cwd=tmp_path)

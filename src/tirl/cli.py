@@ -4,6 +4,8 @@
     tirl sft   [recipe.yaml] [key=value ...]     SFT cold start only
     tirl eval  --model PATH_OR_NAME --task NAME [key=value ...]
     tirl tools | envs | algos                    list what is registered
+    tirl serve-tools [--tools NAME ...] [--config FILE] [--host H] [--port P] [--token T]
+                                                 serve tools over HTTP (client: the `remote` tool)
 
 A `TirlError` (bad config, missing model, ...) prints one line and exits with status 2.
 """
@@ -45,6 +47,13 @@ def _parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=_eval)
     for name, func in (("tools", _tools), ("envs", _envs), ("algos", _algos)):
         sub.add_parser(name, help=f"list registered {name}").set_defaults(func=func)
+    sv = sub.add_parser("serve-tools", help="serve tools over HTTP (client: the `remote` tool)")
+    sv.add_argument("--tools", nargs="+", action="extend", metavar="NAME", help="registered names or module:attr paths")
+    sv.add_argument("--config", metavar="FILE", help="YAML: a recipe's tools: section, or a whole recipe")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (not loopback: a token is required)")
+    sv.add_argument("--port", type=int, default=8765, help="port (0: a free one)")
+    sv.add_argument("--token", help="bearer token clients must send (default: $TIRL_TOOL_SERVER_TOKEN)")
+    sv.set_defaults(func=_serve_tools)
     return p
 
 
@@ -105,6 +114,12 @@ def _tools(args) -> int:
 
     _list("tools", TOOLS.describe())
     return 0
+
+
+def _serve_tools(args) -> int:
+    from tirl.tools.server import serve_from_command_line
+
+    return serve_from_command_line(args.tools, args.config, args.host, args.port, args.token)
 
 
 def _envs(args) -> int:

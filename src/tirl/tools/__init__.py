@@ -21,6 +21,7 @@ from tirl.tools import python as _python  # noqa: F401  (registers the configura
 from tirl.tools import search as _search  # noqa: F401
 from tirl.tools import sql as _sql  # noqa: F401
 from tirl.tools import mcp as _mcp  # noqa: F401
+from tirl.tools import remote as _remote  # noqa: F401
 from tirl.tools.providers import ToolProvider, ToolSettings, build_toolset, check_toolset, register_provider
 from tirl.tools.toolset import ExecutionPolicy, ToolSet
 

@@ -1,29 +1,11 @@
-"""The `mcp` provider: the tools of an MCP (Model Context Protocol) server as tirl tools.
+"""The client session of one MCP server, owned by a daemon thread with its own event loop.
 
-    task: {tools: [mcp]}
-    tools:
-      mcp: {command: [npx, -y, "@modelcontextprotocol/server-everything"], prefix: ev_, exclude: [longRunningOperation]}
-      # or: mcp: {url: "http://127.0.0.1:8000/mcp", headers: {Authorization: "Bearer ..."}}
-
-Building starts the stdio server (`command`) or connects to the streamable HTTP endpoint (`url`),
-negotiates the protocol, lists the tools and returns one `MCPTool` per server tool: named `prefix` + the
-server's name, with the server's description and its `inputSchema` as `parameters` (so `Tool.validate`
-rejects bad arguments before they reach the server). Startup must finish within `startup_timeout_s`, else
-the build fails with an error naming the command or url, the cause and the server's last stderr lines.
-
-One client session per process, shared by all tools of the server, lives in a daemon thread with its own
-event loop: `run` submits the call there and awaits it from any caller loop (a run has one loop per
-stage); a cancelled caller (a `ToolSet` timeout) cancels the request and the session stays usable.
-
-The model sees the result's text parts joined by newlines, other parts in brackets (`[image: image/png,
-70 bytes]`), or the structured content as JSON when there is no content. An `isError` result raises
-`MCPToolError` with the server's text. A crashed server or a lost connection raises `TransientToolError`
-(retried by `ToolSet` when `retries` allows; never here) and the next call reconnects (a new server
-process, or a new HTTP session); a stdio server that exits between calls is restarted on the next call.
-
-`aclose()` on any tool (idempotent) closes the session, stops the stdio server (the SDK closes its stdin,
-then signals its process group) and ends the thread; a later call starts them again. Connections never
-closed are closed at interpreter exit. A pickled tool carries only its settings and reconnects on first use.
+`MCPConnection` is shared by all tools of a server and may be used from any thread or event loop:
+`start` connects (blocking) and lists the server's tools, `call_tool` runs one `tools/call` in the
+connection's loop and awaits it from the caller's loop. A lost session (a stdio server that exited,
+a dropped HTTP connection) raises `TransientToolError` and the next call opens a new one; a failed
+start raises `MCPStartupError`. `aclose`/`close` (idempotent) end the session, the server and the
+thread; connections never closed are closed at interpreter exit.
 """
 
 from __future__ import annotations
@@ -32,34 +14,24 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextlib
-import json
 import logging
 import os
-import re
 import shlex
-import shutil
 import threading
 import weakref
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-import pydantic
+from tirl.tools.base import TransientToolError
+from tirl.tools.mcp.settings import MCPSettings
+from tirl.tools.mcp.stderr import StderrTail
 
-from tirl.tools.base import Tool, TransientToolError
-from tirl.tools.providers import ToolSettings, register_provider
+logger = logging.getLogger(__package__)  # one logger for the whole package
 
-logger = logging.getLogger(__name__)
-
-STDERR_TAIL_CHARS = 2000
-"""Characters of a stdio server's latest stderr output kept for error messages."""
-ERROR_STDERR_CHARS = 600
-"""Characters of that tail quoted in an error."""
 CLOSE_TIMEOUT_S = 15.0
 """Longest wait for a connection to close (the SDK gives a stdio server 2 s + 2 s before SIGKILL)."""
-_TOOL_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _T = TypeVar("_T")
 
 
@@ -74,176 +46,6 @@ class MCPStartupError(RuntimeError):
         super().__init__(message)
         self.reason = reason
         """What happened, without the server's name and stderr (the message has both)."""
-
-
-# ---------------------------------------------------------------------------------------------------
-# Settings
-
-
-class MCPSettings(ToolSettings):
-    """Settings of the `mcp` tool (`tools.mcp.<key>`): exactly one of `command` and `url`."""
-
-    url: str | None = pydantic.Field(None, description="Streamable HTTP endpoint, e.g. http://127.0.0.1:8000/mcp.")
-    headers: dict[str, str] | None = pydantic.Field(None, description="HTTP headers of every request (url only).")
-    cwd: str | None = pydantic.Field(None, description="Working directory of the stdio server (command only).")
-    env: dict[str, str] | None = pydantic.Field(
-        None, description="Environment variables of the stdio server, over the SDK's safe defaults (HOME, PATH, ...).")
-    command: list[str] | None = pydantic.Field(None, description="The stdio server's command line: executable, args.")
-    startup_timeout_s: float = pydantic.Field(30.0, gt=0, description="Seconds to connect, initialize and list tools.")
-    prefix: str = pydantic.Field("", pattern=r"^[A-Za-z0-9_-]{0,63}$",
-                                 description="Prepended to every server tool name (letters, digits, '_', '-').")
-    include: list[str] | None = pydantic.Field(None, description="Server tool names to use (default: all).")
-    exclude: list[str] = pydantic.Field([], description="Server tool names to leave out.")
-
-    @pydantic.field_validator("cwd")
-    @classmethod
-    def _cwd_exists(cls, cwd: str | None) -> str | None:
-        if cwd is not None and not Path(cwd).is_dir():
-            raise ValueError(f"directory {cwd!r} does not exist")
-        return cwd
-
-    @pydantic.field_validator("command")
-    @classmethod
-    def _command_runs(cls, command: list[str] | None, info: pydantic.ValidationInfo) -> list[str] | None:
-        if command is None:
-            return None
-        if not command or not command[0]:
-            raise ValueError("must name an executable, e.g. [python, server.py]")
-        if _find_executable(command[0], info.data.get("cwd"), info.data.get("env")) is None:
-            raise ValueError(f"executable {command[0]!r} not found (PATH, or relative to cwd)")
-        return command
-
-    @pydantic.field_validator("url")
-    @classmethod
-    def _url_is_http(cls, url: str | None) -> str | None:
-        if url is not None and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc):
-            raise ValueError(f"{url!r} is not an http(s) URL")
-        return url
-
-    @pydantic.model_validator(mode="after")
-    def _one_server(self) -> MCPSettings:
-        if (self.command is None) == (self.url is None):
-            raise ValueError("set exactly one of `command` (a stdio server) and `url` (a streamable HTTP server)")
-        if self.url is not None and (self.env is not None or self.cwd is not None):
-            raise ValueError("`env` and `cwd` apply to a `command` server, not to a `url`")
-        if self.command is not None and self.headers is not None:
-            raise ValueError("`headers` apply to a `url` server, not to a `command`")
-        both = sorted(set(self.include or ()) & set(self.exclude))
-        if both:
-            raise ValueError(f"tools both included and excluded: {both}")
-        return self
-
-
-def _find_executable(program: str, cwd: str | None, env: dict[str, str] | None) -> str | None:
-    """Where the stdio server's executable is, as `subprocess` resolves it (None: nowhere)."""
-    if os.sep in program:
-        path = Path(cwd or ".") / program
-        return str(path) if path.is_file() and os.access(path, os.X_OK) else None
-    return shutil.which(program, path=(env or {}).get("PATH", os.environ.get("PATH")))
-
-
-# ---------------------------------------------------------------------------------------------------
-# Provider and tool
-
-
-@register_provider("mcp", MCPSettings)
-def build_mcp(settings: MCPSettings) -> list[Tool]:
-    """Tools of an MCP server (stdio command or streamable HTTP url), one per server tool."""
-    _require_mcp_sdk()
-    connection = MCPConnection(settings)
-    try:
-        server_tools = select_tools(connection.start(), settings, connection.target)
-        tools: list[Tool] = [MCPTool(connection, t, settings.prefix) for t in server_tools]
-    except BaseException:
-        connection.close()
-        raise
-    connection.tool_names = [t.name for t in tools]
-    return tools
-
-
-def select_tools(server_tools: Sequence[Any], settings: MCPSettings, target: str) -> list[Any]:
-    """The server tools that `include`/`exclude` keep, in server order; `ValueError` naming a bad entry.
-
-    Every name in `include` or `exclude` must exist on the server, every kept name with `prefix` must be
-    a valid tool name, and at least one tool must remain.
-    """
-    names = [t.name for t in server_tools]
-    for key, wanted in (("include", settings.include or []), ("exclude", settings.exclude)):
-        unknown = [n for n in wanted if n not in names]
-        if unknown:
-            raise ValueError(f"tools.mcp.{key}: MCP server {target} has no tool {unknown[0]!r}; it has: {names}")
-    kept = [t for t in server_tools if (settings.include is None or t.name in settings.include)
-            and t.name not in settings.exclude]
-    if not kept:
-        raise ValueError(f"MCP server {target}: no tools left (server tools: {names}; see tools.mcp.include/exclude)")
-    for t in kept:
-        if not _TOOL_NAME_RE.match(settings.prefix + t.name):
-            raise ValueError(f"MCP server {target}: tool name {settings.prefix + t.name!r} is not a valid tool name "
-                             "(1-64 letters, digits, '_' or '-'); leave it out with tools.mcp.exclude")
-    return kept
-
-
-class MCPTool(Tool):
-    """One tool of an MCP server, called through the server's shared `MCPConnection`."""
-
-    def __init__(self, connection: MCPConnection, server_tool: Any, prefix: str = ""):
-        self.connection = connection
-        self.server_tool_name: str = server_tool.name
-        """The name the server knows the tool by (`name` without the prefix)."""
-        self.name = prefix + server_tool.name
-        self.description = server_tool.description or server_tool.title or f"The {server_tool.name} tool."
-        self.parameters = dict(server_tool.input_schema)
-
-    async def run(self, **arguments: Any) -> str:
-        """Call the server tool; its content as text. `MCPToolError` for an error result,
-        `TransientToolError` for a lost connection (the next call reconnects)."""
-        result = await self.connection.call_tool(self.server_tool_name, arguments)
-        text = render_result(result)
-        if result.is_error:
-            raise MCPToolError(text or f"the MCP tool {self.server_tool_name!r} failed without a message")
-        return text
-
-    async def aclose(self) -> None:
-        """Close the server's shared connection (idempotent; a later call reconnects)."""
-        await self.connection.aclose()
-
-    def describe(self) -> dict[str, Any]:
-        return {**self.connection.describe(), "server_tool": self.server_tool_name}
-
-
-def render_result(result: Any) -> str:
-    """A `CallToolResult` as the text the model reads (see the module doc)."""
-    parts = [_render_part(part) for part in result.content]
-    if not parts and result.structured_content is not None:
-        parts = [json.dumps(result.structured_content, ensure_ascii=False)]
-    return "\n".join(parts)
-
-
-def _render_part(part: Any) -> str:
-    kind = getattr(part, "type", None)
-    if kind == "text":
-        return part.text
-    if kind in ("image", "audio"):
-        return f"[{kind}: {part.mime_type}, {_base64_size(part.data)} bytes]"
-    if kind == "resource_link":
-        return f"[resource link: {part.name} <{part.uri}>]"
-    if kind == "resource":
-        inner = part.resource
-        if getattr(inner, "text", None) is not None:
-            return inner.text
-        return f"[resource: {inner.uri}, {inner.mime_type or 'binary'}, {_base64_size(inner.blob)} bytes]"
-    return f"[{kind or type(part).__name__} content]"
-
-
-def _base64_size(data: str) -> int:
-    return len(data) * 3 // 4 - data[-2:].count("=")
-
-
-def _require_mcp_sdk() -> None:
-    try:
-        from mcp import Client  # noqa: F401  (added in the SDK's 2.0)
-    except ImportError as e:
-        raise ImportError("the mcp tool needs the MCP Python SDK 2.x: pip install -U 'tirl[mcp]'") from e
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -266,7 +68,7 @@ class _Link:
     owner: asyncio.Task[None] | None = None
     scope: Any = None
     """The owner's anyio cancel scope: cancelled to abandon a startup that hangs."""
-    stderr: _StderrTail | None = None
+    stderr: StderrTail | None = None
     """stdio only: the server's latest stderr output."""
     broken: bool = False
     """The session ended (server exited, connection lost): the next call opens a new link."""
@@ -486,7 +288,7 @@ class MCPConnection:
 
         assert s.command is not None
         params = StdioServerParameters(command=s.command[0], args=s.command[1:], env=s.env, cwd=s.cwd)
-        link.stderr = stderr = _StderrTail(self.target, on_eof=lambda: self._on_server_exit(link))
+        link.stderr = stderr = StderrTail(self.target, on_eof=lambda: self._on_server_exit(link))
         stack.push_async_callback(stderr.aclose)
         try:
             # `errlog` becomes the server's stderr: any file descriptor will do
@@ -617,56 +419,6 @@ def _stderr_note(link: _Link) -> str:
 def _without_userinfo(url: str) -> str:
     parts = urlsplit(url)
     return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
-
-
-class _StderrTail(asyncio.Protocol):
-    """A stdio server's stderr: read through a pipe in the loop, logged at DEBUG, the latest output kept.
-
-    End of file means the server exited (or closed its stderr): `on_eof` is called then.
-    """
-
-    def __init__(self, target: str, on_eof: Any):
-        self.target, self.on_eof = target, on_eof
-        self.read_fd, self.write_fd = os.pipe()
-        self._buffer = bytearray()
-        self._transport: asyncio.ReadTransport | None = None
-        self._eof = asyncio.Event()
-
-    async def start(self) -> None:
-        pipe = os.fdopen(self.read_fd, "rb", buffering=0)
-        self._transport, _ = await asyncio.get_running_loop().connect_read_pipe(lambda: self, pipe)
-
-    def data_received(self, data: bytes) -> None:
-        self._buffer += data
-        del self._buffer[:-STDERR_TAIL_CHARS]
-        for line in data.decode(errors="replace").splitlines():
-            logger.debug("MCP server %s: %s", self.target, line)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._eof.set()
-        self.on_eof()
-
-    def tail(self) -> str:
-        """The last lines written, joined with ' | ', at most `ERROR_STDERR_CHARS` characters."""
-        lines = [line.strip() for line in self._buffer.decode(errors="replace").splitlines() if line.strip()]
-        return " | ".join(lines)[-ERROR_STDERR_CHARS:]
-
-    def close_write_end(self) -> None:
-        if self.write_fd >= 0:
-            os.close(self.write_fd)
-            self.write_fd = -1
-
-    async def aclose(self) -> None:
-        """Read what the exited server wrote last (up to 1 s), then close the pipe."""
-        self.close_write_end()
-        if self._transport is not None:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(1.0):
-                    await self._eof.wait()
-            self._transport.close()
-        elif self.read_fd >= 0:
-            os.close(self.read_fd)
-        self.read_fd = -1
 
 
 # ---------------------------------------------------------------------------------------------------
