@@ -88,3 +88,26 @@ def test_tool_env_episode_with_the_search_r1_parser(search_toolset):
     assert "unterminated <search>" in broken.tool_results[1].content
     assert answered.done and answered.stop_reason is StopReason.ANSWERED
     assert answered.final_answer == "<answer>330 metres</answer>"
+
+
+def test_generation_stops_at_the_end_of_a_search_block(search_toolset, smol_format):
+    """With the Search-R1 parser and stop string, a turn ends right after `</search>` (text the model would
+    have gone on writing is never sampled), and the passages come back in the next observation."""
+    from tirl.backends.base import SamplingParams
+    from tirl.backends.scripted import ScriptedBackend
+    from tirl.rollout.agent import TurnLimits, run_trajectory
+    from tirl.types import TrajectoryMeta
+
+    problem = Problem(id="q", question="Where is the Eiffel Tower?", answer="Paris")
+    env = ToolEnv(problem, "Search, then answer.", search_toolset.session(), parser=parse_search_calls,
+                  stop_strings=(CLOSE,))
+    script = ["<search>Eiffel Tower</search> I think it is in Rome", "<answer>Paris</answer><|im_end|>"]
+    backend = ScriptedBackend(smol_format.tokenizer, script)
+    traj = asyncio.run(run_trajectory(env, backend, smol_format, SamplingParams(), TurnLimits(),
+                                      TrajectoryMeta("q", "g"), seed=0))
+    first = traj.turns[0]
+    assert first.finish_reason == "stop" and backend.requests[0].stop_strings == (CLOSE,)
+    sampled = smol_format.decode([t for t, m in zip(traj.response_ids, traj.loss_mask) if m])
+    assert "Rome" not in sampled and sampled.startswith("<search>Eiffel Tower</search>")
+    assert first.tool_results[0].status == ToolStatus.OK and "<information>" in first.tool_results[0].content
+    assert traj.stop_reason == StopReason.ANSWERED

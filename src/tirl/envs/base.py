@@ -39,6 +39,9 @@ class Env(ABC):
     def tool_schemas(self) -> list[dict]:
         """OpenAI-style schemas of the tools the model is shown (empty: no tools)."""
 
+    stop_strings: tuple[str, ...] | None = None
+    """Strings that end a generation turn (None: the chat format's tool-call end, e.g. `</tool_call>`)."""
+
     @abstractmethod
     async def reset(self) -> list[Message]:
         """The prompt messages (system, user)."""

@@ -38,7 +38,10 @@ class ToolEnv(Env):
     """A single question answered with the help of tools."""
 
     def __init__(self, problem: Problem, system_prompt: str, tools: ToolSet, limits: ToolLimits = ToolLimits(),
-                 parser: Parser = parse_tool_calls):
+                 parser: Parser = parse_tool_calls, stop_strings: tuple[str, ...] | None = None):
+        """`parser` finds the calls in the model's text and `stop_strings` end its turn (None: the chat
+        format's tool-call end); `tirl.chat.search_r1` gives both for `<search>` tags."""
+        self.stop_strings = stop_strings
         self.problem = problem
         self.system_prompt = system_prompt
         self.tools = tools

@@ -102,7 +102,8 @@ async def _turn(env: Env, backend: Generator, fmt: ChatFormat, b: _Builder, samp
                 budget: int, seed: int, key: tuple, t: int, progress: Progress):
     """One generation and the env's reaction; returns (stop reason or None, final answer, observations)."""
     request = GenerationRequest(
-        prompt_ids=tuple(b.prompt_ids + b.response), max_new_tokens=budget, stop_strings=(fmt.tool_call_stop,),
+        prompt_ids=tuple(b.prompt_ids + b.response), max_new_tokens=budget,
+        stop_strings=env.stop_strings or (fmt.tool_call_stop,),
         sampling=sampling, seed=derive_seed(seed, "turn", t), key=(*key, t))
     progress.mark(key, f"generating turn {t}")
     t0 = time.monotonic()
