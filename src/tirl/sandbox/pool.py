@@ -4,10 +4,10 @@ A sandbox, once started (bubblewrap + Python + preloaded modules: tens to hundre
 many sessions one after another: each session is a process forked from the sandbox's zygote, and
 ending it kills every process it made and wipes /tmp and the workspace, so the next session starts
 as clean as a new sandbox (only SysV IPC objects of the sandbox's private IPC namespace could
-outlive a session). Sandboxes are started on demand up to `max_sandboxes`; past that, a new session
-takes the sandbox of the least recently used idle session, whose state is then lost (it is told so
-at its next call, and the first eviction is announced): keep `max_sandboxes` at or above the number
-of trajectories rolled out at once (64 by default; the default job runs 32). `stateless` calls borrow a sandbox for one fresh execution.
+outlive a session). Sandboxes are started on demand, as many as sessions are open at once (a
+trajectory opens one at its first call), unless `max_sandboxes` caps them to bound memory; past the
+cap, a new session takes the sandbox of the least recently used idle session, whose state is then
+lost (it is told so at its next call, and the first eviction is announced). `stateless` calls borrow a sandbox for one fresh execution.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ ACQUIRE_POLL_S = 0.01
 class SandboxPool:
     """Started sandboxes of one `LaunchSpec`, reused across sessions and event loops."""
 
-    def __init__(self, spec: LaunchSpec, max_sandboxes: int, start_timeout_s: float = 60.0):
+    def __init__(self, spec: LaunchSpec, max_sandboxes: int | None = None, start_timeout_s: float = 60.0):
         self.spec = spec
         self.max_sandboxes = max_sandboxes
         self.start_timeout_s = start_timeout_s
@@ -54,7 +54,7 @@ class SandboxPool:
                     self.holders[sb] = holder
                     return sb
                 self._forget(sb)
-            if len(self.holders) < self.max_sandboxes:
+            if self.max_sandboxes is None or len(self.holders) < self.max_sandboxes:
                 return await self._start(holder)
             victim = self._eviction_candidate()
             if victim is not None:

@@ -27,8 +27,8 @@ class SandboxConfig:
     limits: Limits = Limits()
     preload: tuple[str, ...] = ("math", "numpy", "sympy")
     """Modules imported once per sandbox, so that cells using them start in milliseconds."""
-    max_sandboxes: int = 64
-    """Sandboxes alive at once (each one holds one session at a time)."""
+    max_sandboxes: int | None = None
+    """Cap on sandboxes alive at once (each holds one session at a time); None: one per open session."""
     seccomp: bool = True
     """Add the seccomp filter (bwrap only) when `pyseccomp` is installed."""
     start_timeout_s: float = 60.0

@@ -55,7 +55,9 @@ class PythonSettings(ToolSettings):
     processes: int = pydantic.Field(64, ge=4, description="Processes and threads per sandbox.")
     max_output_bytes: int = pydantic.Field(65536, ge=256, description="Bytes kept of stdout and of stderr per call.")
     max_code_chars: int = pydantic.Field(20000, ge=10, description="Longest code accepted.")
-    max_sandboxes: int = pydantic.Field(64, ge=1, description="Sandboxes alive at once (one session each).")
+    max_sandboxes: int | None = pydantic.Field(None, ge=1, description=(
+        "Cap on sandboxes alive at once, to bound memory (default: one per trajectory calling python at once); "
+        "past it, idle trajectories lose their interpreter state."))
     seccomp: bool = pydantic.Field(True, description="Add the seccomp filter when pyseccomp is installed.")
 
     def policy(self) -> ExecutionPolicy:
