@@ -58,6 +58,45 @@ class TaskConfig(_Section):
     reward: str | None = Field(None, description="Reward name (default: the task's own).")
 
 
+class TreeConfig(_Section):
+    """PORTool tree rollouts (reference 4.1): rollout.group_size leaves per tree."""
+
+    branch_factor: int = Field(2, ge=1, description="f: candidate children proposed per unfinished node.")
+    max_depth: int | None = Field(None, ge=1, description="T_max: tree depth in turns (default: rollout.max_turns).")
+
+
+class FissionConfig(_Section):
+    """Fission-GRPO (reference 4.2): recovery groups seeded from trajectories whose tool call failed."""
+
+    group_size: int | None = Field(None, ge=2, description="G': recovery rollouts per failed prefix "
+                                                           "(default: rollout.group_size).")
+    max_groups: int | None = Field(None, ge=1, description="Recovery groups per step, newest errors first "
+                                                           "(default: rollout.prompts_per_step).")
+    statuses: list[str] = Field(["execution_error", "timeout", "invalid_arguments"], description=(
+        "Tool result statuses that count as a tool execution error."))
+    buffer_size: int | None = Field(None, ge=1, description="LIFO buffer of failed prefixes (default: max_groups).")
+
+
+class EntropyBranchConfig(_Section):
+    """ARPO/AEPO entropy-guided branching (reference 4.5): rollout.group_size trajectories per prompt in all."""
+
+    initial: int | None = Field(None, ge=1, description="Independent samples started per prompt (default: G/2).")
+    branch_factor: int = Field(2, ge=1, description="Z: extra copies forked at a high-entropy tool result.")
+    probe_tokens: int = Field(10, ge=1, description="Tokens after a tool result whose mean entropy is compared "
+                                                    "with the entropy at the start of the answer.")
+    alpha: float = Field(0.5, description="Base branching probability.")
+    beta: float = Field(0.2, description="Weight of the normalised entropy rise.")
+    threshold: float = Field(0.5, description="Branch when the branching score exceeds this.")
+
+
+class DynamicSamplingConfig(_Section):
+    """DAPO dynamic sampling (reference 2.5): train only on groups whose rewards differ."""
+
+    enabled: bool = False
+    metric: Literal["reward", "correct"] = Field("reward", description="What must vary within a group.")
+    max_batches: int = Field(10, ge=1, description="Generation batches per step before giving up with an error.")
+
+
 class RolloutConfig(_Section):
     group_size: int = Field(8, ge=1, description="G: samples per prompt.")
     prompts_per_step: int = Field(4, ge=1, description="Prompts (groups) per RL step.")
@@ -70,8 +109,52 @@ class RolloutConfig(_Section):
     tool_timeout_s: float = Field(10.0, gt=0)
     max_tool_output_chars: int = Field(1000, ge=16)
     max_batch_size: int = Field(128, ge=1, description="Generation batch size (hf backend).")
-    stall_timeout_s: float = Field(600.0, gt=0, description="Abort a rollout after this long without progress.")
+    stall_timeout_s: float = Field(600.0, gt=0, description="Abort a rollout after this long without progress, "
+                                                           "with a report of which trajectories are stuck where.")
     check_invariants: bool = Field(True, description="Token-in/token-out checks on every trajectory.")
+    timeout_s: float | None = Field(None, gt=0, description="Wall-clock budget per trajectory (checked between turns).")
+    step_timeout_s: float | None = Field(None, gt=0, description="Wall-clock budget of a step's rollout: no new "
+                                                                 "turn starts after it (trajectories end with timeout).")
+    observation_truncation: Literal["head", "tail", "middle"] = Field(
+        "middle", description="Which part of a tool output to keep when it must be cut to fit the context.")
+    max_failed_fraction: float = Field(0.1, ge=0, le=1, description="A step in which more trajectories than this "
+                                                                    "share raise stops the run, showing the errors.")
+    strategy: str = Field("flat", description="flat, tree (PORTool), fission (Fission-GRPO), entropy_branch "
+                                              "(ARPO/AEPO), or module:attr; settings in rollout.<strategy>.")
+    tree: TreeConfig = TreeConfig()
+    fission: FissionConfig = FissionConfig()
+    entropy_branch: EntropyBranchConfig = EntropyBranchConfig()
+    dynamic_sampling: DynamicSamplingConfig = DynamicSamplingConfig()
+
+
+class OpenAIBackendConfig(_Section):
+    base_url: str = Field("http://127.0.0.1:8000/v1", description="The server's OpenAI-compatible /v1 URL.")
+    model: str | None = Field(None, description="Model name the server knows (default: model.name).")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key (may be unset).")
+    endpoint: Literal["auto", "completions", "chat"] = Field(
+        "auto", description="completions: token ids in and out (exact; needed for training); chat: chat "
+                            "completions (text; evaluation only); auto: completions where the server allows.")
+    max_concurrency: int = Field(64, ge=1, description="Requests in flight at once.")
+    request_timeout_s: float = Field(600.0, gt=0, description="Seconds per request.")
+    max_retries: int = Field(3, ge=0, description="Retries of connection errors and 429/5xx answers.")
+
+
+class VLLMBackendConfig(_Section):
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="Share of GPU memory vLLM may take.")
+    tensor_parallel_size: int = Field(1, ge=1)
+    max_num_seqs: int = Field(256, ge=1, description="Sequences vLLM schedules at once.")
+    enforce_eager: bool = Field(False, description="Disable CUDA graphs (slower; faster start).")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vllm.LLM(...) arguments.")
+
+
+class BackendConfig(_Section):
+    name: Literal["hf", "vllm", "openai"] = Field("hf", description="Who generates: hf (in-process transformers), "
+                                                  "vllm (in-process engine, GPU), openai (an OpenAI-compatible server).")
+    scheduling: Literal["async", "sync"] = Field(
+        "async", description="hf: async lets each trajectory's turn join the running generation batch as soon as "
+                             "it is ready; sync waits for every trajectory of the batch (batch-synchronous).")
+    openai: OpenAIBackendConfig = OpenAIBackendConfig()
+    vllm: VLLMBackendConfig = VLLMBackendConfig()
 
 
 class AlgorithmConfig(_Section):
@@ -139,6 +222,7 @@ class Config(_Section):
     model: ModelConfig = ModelConfig()
     task: TaskConfig = TaskConfig()
     rollout: RolloutConfig = RolloutConfig()
+    backend: BackendConfig = BackendConfig()
     algorithm: AlgorithmConfig = AlgorithmConfig()
     rl: RLConfig = RLConfig()
     sft: SFTConfig = SFTConfig()
@@ -160,6 +244,16 @@ class Config(_Section):
             raise ValueError(f"model.lora.{changed[0]} has no effect unless model.lora.enabled=true")
         if self.algorithm.kl_estimator != AlgorithmConfig().kl_estimator and self.algorithm.kl_coef == 0:
             raise ValueError("algorithm.kl_estimator has no effect while algorithm.kl_coef is 0")
+        for name in ("tree", "fission", "entropy_branch"):
+            if getattr(self.rollout, name) != getattr(RolloutConfig(), name) and self.rollout.strategy != name:
+                raise ValueError(f"rollout.{name}.* has no effect unless rollout.strategy={name}")
+        ds = self.rollout.dynamic_sampling
+        if not ds.enabled and ds != DynamicSamplingConfig():
+            raise ValueError("rollout.dynamic_sampling.* has no effect unless rollout.dynamic_sampling.enabled=true")
+        if self.backend.name != "openai" and self.backend.openai != OpenAIBackendConfig():
+            raise ValueError("backend.openai.* has no effect unless backend.name=openai")
+        if self.backend.name != "vllm" and self.backend.vllm != VLLMBackendConfig():
+            raise ValueError("backend.vllm.* has no effect unless backend.name=vllm")
         return self
 
     def run_dir(self) -> Path:

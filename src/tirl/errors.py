@@ -27,3 +27,7 @@ class StalledError(TirlError):
 
 class InvariantError(TirlError):
     """A DESIGN.md invariant was violated at runtime (a bug in tirl or in a user extension)."""
+
+
+class RolloutError(TirlError):
+    """Too many trajectories of a step failed (the message lists the errors)."""

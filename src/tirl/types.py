@@ -168,6 +168,9 @@ class TrajectoryMeta:
     """For tree rollouts: the ids of the tree nodes this trajectory passes through, root first."""
     error: str | None = None
     """For stop reason `error`: what went wrong."""
+    origin: str | None = None
+    """Where a trajectory that did not start from the plain prompt comes from (e.g. fission: the failed
+    trajectory and turn whose prefix it continues)."""
 
 
 @dataclass(frozen=True)

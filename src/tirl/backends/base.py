@@ -40,6 +40,13 @@ class GenerationRequest:
     """Seeds this request's own random stream, so samples do not depend on batch composition."""
     key: tuple = ()
     """Sort key that fixes the order of requests inside a batch (determinism)."""
+    messages: tuple[Any, ...] = ()
+    """The conversation so far as `tirl.types.Message`s (what `prompt_ids` renders); only backends that
+    talk to a chat endpoint use it."""
+    tools: tuple[dict, ...] = ()
+    """OpenAI-style schemas of the tools shown to the model (chat endpoints only)."""
+    want_entropies: bool = False
+    """Also return the entropy of each sampled position (entropy-guided branching needs it)."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,8 @@ class Completion:
     """Sampling log-probability of each token in `token_ids`."""
     finish_reason: FinishReason
     """eos: an end-of-turn token; stop: a stop string; length: the budget ran out."""
+    entropies: tuple[float, ...] = ()
+    """Entropy (nats) of the sampling distribution at each position, when the request asked for it."""
 
 
 class Generator(Protocol):
@@ -67,6 +76,19 @@ class Generator(Protocol):
 
     def participant(self):
         """Async context manager a trajectory holds while it runs (lets batching backends wait for it)."""
+        ...
+
+    def metrics_snapshot(self) -> Any:
+        """Opaque snapshot of cumulative counters (read back with `metrics_since`)."""
+        ...
+
+    def metrics_since(self, snapshot: Any) -> dict[str, float]:
+        """Generation metrics since `snapshot`: counts under `gen/*` (incl. `gen/tokens`), clock readings
+        under `time/*` and `speed/*`."""
+        ...
+
+    def close(self) -> None:
+        """Release threads, connections and engines."""
         ...
 
 

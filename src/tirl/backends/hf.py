@@ -7,6 +7,7 @@ refreshed from the trainer's weights by `update_weights` after every optimizer s
 from __future__ import annotations
 
 from contextlib import AbstractAsyncContextManager
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -38,6 +39,13 @@ class HFBackend:
         if unexpected or [k for k in missing if not _is_tied(self.model, k)]:
             raise ValueError(f"weight update does not match the generation model: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
+
+    def metrics_snapshot(self):
+        return self.engine.tokens_generated, replace(self.engine.stats)
+
+    def metrics_since(self, snapshot) -> dict[str, float]:
+        tokens, stats = snapshot
+        return {"gen/tokens": float(self.engine.tokens_generated - tokens), **self.engine.stats.as_metrics(stats)}
 
     def close(self) -> None:
         self.batcher.close()

@@ -50,5 +50,9 @@ class Env(ABC):
     async def step(self, assistant: Message) -> StepResult:
         """React to one assistant message (its content is the model's raw output)."""
 
+    def activity(self) -> str:
+        """What the env is busy with right now (e.g. 'python call_1_0 running 12s'), for stall reports."""
+        return ""
+
     async def close(self) -> None:
         """Release resources (tool sessions, sandboxes). Called once when the trajectory ends."""

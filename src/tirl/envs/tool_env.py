@@ -9,6 +9,7 @@ tool budget are not run; the episode ends with stop reason `tool_budget`.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -49,6 +50,7 @@ class ToolEnv(Env):
         self.parser = parser
         self.calls_made = 0
         self.turn = 0
+        self._running: dict[str, tuple[str, float]] = {}
 
     @property
     def tool_schemas(self) -> list[dict]:
@@ -80,12 +82,20 @@ class ToolEnv(Env):
         """Release this trajectory's tool sessions (a persistent interpreter, for one)."""
         await self.tools.aclose()
 
+    def activity(self) -> str:
+        now = time.monotonic()
+        return ", ".join(f"tool {name} ({cid}) running {now - t0:.0f}s" for cid, (name, t0) in self._running.items())
+
     async def _run(self, parsed: ParsedCall, k: int) -> ToolResult:
         if parsed.call is None:
             return error_result(_call_id(parsed, k, self.turn - 1), "", ToolStatus.INVALID_CALL,
                                 parsed.error or "malformed tool call")
-        return await self.tools.execute(parsed.call, default_timeout_s=self.limits.timeout_s,
-                                        max_output_chars=self.limits.max_output_chars)
+        self._running[parsed.call.id] = (parsed.call.name, time.monotonic())
+        try:
+            return await self.tools.execute(parsed.call, default_timeout_s=self.limits.timeout_s,
+                                            max_output_chars=self.limits.max_output_chars)
+        finally:
+            self._running.pop(parsed.call.id, None)
 
 
 def _call_id(p: ParsedCall, k: int, turn: int) -> str:

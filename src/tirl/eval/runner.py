@@ -17,7 +17,7 @@ from tirl.backends.base import SamplingParams
 from tirl.config import Config
 from tirl.rewards.base import RewardFn
 from tirl.rollout.agent import TurnLimits
-from tirl.rollout.groups import RolloutSpec, rollout_groups
+from tirl.rollout.groups import Flat, RolloutContext, RolloutSpec, run_strategy
 from tirl.rollout.io import append_jsonl, drop_partial_tail, read_jsonl
 from tirl.rollout.metrics import trajectory_metrics
 from tirl.tasks.base import Problem
@@ -43,13 +43,15 @@ def run_eval(name: str, problems: list[Problem], make_env, backend, fmt, reward_
     done = {t.meta.task_id for t in read_jsonl(path)} if path.exists() else set()
     todo = [p for p in problems if p.id not in done]
     spec = RolloutSpec(group_size=cfg.eval.samples, sampling=SamplingParams(cfg.eval.temperature),
-                       limits=limits, stall_timeout_s=cfg.rollout.stall_timeout_s, check=cfg.rollout.check_invariants)
+                       limits=limits, stall_timeout_s=cfg.rollout.stall_timeout_s, check=cfg.rollout.check_invariants,
+                       max_failed_fraction=cfg.rollout.max_failed_fraction)
     per_chunk = max(1, (chunk or cfg.rollout.max_batch_size) // cfg.eval.samples)
     with asyncio.Runner() as runner:
         for i in range(0, len(todo), per_chunk):
-            groups = runner.run(rollout_groups(todo[i:i + per_chunk], make_env, backend, fmt, spec, reward_fn,
-                                               step=0, seed=cfg.run.seed))
-            append_jsonl(path, [t for g in groups for t in g.trajectories])
+            ctx = RolloutContext(make_env, backend, fmt, spec, reward_fn, step=0, seed=cfg.run.seed)
+            out = runner.run(run_strategy(Flat(), todo[i:i + per_chunk], ctx))
+            failed = [t.with_reward(0.0, {}, False) for t in out.failed]  # a failed sample is not correct
+            append_jsonl(path, out.trajectories + failed)
     trajs = list(read_jsonl(path))
     summary = {"name": name, "problems": len({t.meta.task_id for t in trajs}), "samples": len(trajs),
                **trajectory_metrics(trajs), **_accuracy_by_level(problems, trajs)}

@@ -47,7 +47,7 @@ def from_dict(d: dict[str, Any]) -> Trajectory:
         prompt_ids=tuple(d["prompt_ids"]), response_ids=tuple(d["response_ids"]), loss_mask=tuple(d["loss_mask"]),
         logprobs=tuple(d["logprobs"]), turns=turns, messages=messages, stop_reason=StopReason(d["stop_reason"]),
         meta=TrajectoryMeta(meta["task_id"], meta["group_id"], meta["sample_index"], meta["step"],
-                            tuple(meta["node_ids"]), meta["error"]),
+                            tuple(meta["node_ids"]), meta["error"], meta.get("origin")),
         final_answer=d["final_answer"], reward=d["reward"], reward_components=d["reward_components"],
         correct=d["correct"])
 

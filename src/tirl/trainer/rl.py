@@ -18,10 +18,11 @@ from tirl.backends.base import SamplingParams
 from tirl.config import Config
 from tirl.models import loading
 from tirl.rewards.base import RewardFn
-from tirl.rollout.groups import RewardState, RolloutSpec, rollout_groups
+from tirl.rollout.groups import RewardState, RolloutContext, RolloutSpec, StrategyOutput
+from tirl.rollout.step import build_strategy, rollout_step
 from tirl.rollout.io import append_jsonl
 from tirl.rollout.metrics import trajectory_metrics
-from tirl.tasks.base import Task
+from tirl.tasks.base import Problem, Task
 from tirl.tools import ToolSet
 from tirl.trainer.build import EnvFactory, Policy, load_policy, make_backend, turn_limits
 from tirl.trainer.logging import MetricsLogger
@@ -33,7 +34,7 @@ def rollout_spec(cfg: Config, policy: Policy) -> RolloutSpec:
     r = cfg.rollout
     return RolloutSpec(group_size=r.group_size, sampling=SamplingParams(r.temperature, r.top_p),
                        limits=turn_limits(cfg, policy.model), stall_timeout_s=r.stall_timeout_s,
-                       check=r.check_invariants)
+                       check=r.check_invariants, max_failed_fraction=r.max_failed_fraction)
 
 
 def update_settings(cfg: Config, policy: Policy) -> UpdateSettings:
@@ -58,30 +59,59 @@ def run_rl(cfg: Config, policy: Policy, task: Task, tools: ToolSet, reward_fn: R
     ref = load_policy(cfg.model, policy.device, policy.path, trainable=False).model if cfg.algorithm.kl_coef else None
     make_env = EnvFactory(task, tools, cfg, policy.fmt)
     spec, settings = rollout_spec(cfg, policy), update_settings(cfg, policy)
-    cursor, reward_state = state.get("cursor", 0), RewardState(state.get("reward_state", {}))
-    P = cfg.rollout.prompts_per_step
+    strategy = build_strategy(cfg)
+    strategy.load_state_dict(state.get("strategy", {}))
+    data = _Cursor(task, state.get("cursor", 0))
+    reward_state = RewardState(state.get("reward_state", {}))
     with asyncio.Runner() as runner:
         for step in range(state["step"], cfg.rl.steps):
             t0 = time.monotonic()
-            problems = [task.train_problem(cursor + i) for i in range(P)]
-            tokens_before, stats_before = backend.engine.tokens_generated, replace(backend.engine.stats)
-            groups = runner.run(rollout_groups(problems, make_env, backend, policy.fmt, spec, reward_fn,
-                                               step=step, seed=cfg.run.seed, reward_state=reward_state))
+            snapshot = backend.metrics_snapshot()
+            ctx = RolloutContext(make_env, backend, policy.fmt, _with_deadline(spec, cfg.rollout.step_timeout_s),
+                                 reward_fn, step, cfg.run.seed, reward_state)
+            out = runner.run(rollout_step(strategy, data.take, cfg.rollout.prompts_per_step, ctx,
+                                          cfg.rollout.dynamic_sampling))
             t1 = time.monotonic()
-            metrics = rl_update(policy.model, stage.optimizer, advantages_for(groups, settings), settings, ref)
+            metrics = (rl_update(policy.model, stage.optimizer, advantages_for(out.groups, settings), settings, ref)
+                       if out.groups else {"train/skipped": 1.0})
             backend.update_weights(loading.merged_state_dict(policy.model))
             t2 = time.monotonic()
-            trajs = [t for g in groups for t in g.trajectories]
-            metrics.update(trajectory_metrics(trajs))
-            metrics.update(backend.engine.stats.as_metrics(stats_before))
+            metrics.update(trajectory_metrics(out.trajectories))
+            metrics.update(out.metrics)
+            gen = backend.metrics_since(snapshot)
+            metrics.update(gen)
             metrics.update({"time/rollout_s": t1 - t0, "time/update_s": t2 - t1,
-                            "speed/tokens_per_s": (backend.engine.tokens_generated - tokens_before) / (t1 - t0)})
+                            "speed/tokens_per_s": gen.get("gen/tokens", 0.0) / (t1 - t0)})
             if cfg.rl.save_trajectories:
-                append_jsonl(traj_dir / f"step_{step + 1:06d}.jsonl", trajs)
-            cursor += P
-            stage.step_done(step + 1, metrics, {"cursor": cursor, "reward_state": reward_state.data})
+                _save(traj_dir, step, out)
+            stage.step_done(step + 1, metrics, {"cursor": data.cursor, "reward_state": reward_state.data,
+                                                "strategy": strategy.state_dict()})
     backend.close()
     return stage.finish(run_dir / "models" / "final")
+
+
+class _Cursor:
+    """The training stream's position: `take(n)` hands out the next n problems."""
+
+    def __init__(self, task: Task, cursor: int):
+        self.task, self.cursor = task, cursor
+
+    def take(self, n: int) -> list[Problem]:
+        problems = [self.task.train_problem(self.cursor + i) for i in range(n)]
+        self.cursor += n
+        return problems
+
+
+def _with_deadline(spec: RolloutSpec, step_timeout_s: float | None) -> RolloutSpec:
+    if step_timeout_s is None:
+        return spec
+    return replace(spec, limits=replace(spec.limits, deadline=time.monotonic() + step_timeout_s))
+
+
+def _save(traj_dir: Path, step: int, out: StrategyOutput) -> None:
+    """Every trajectory of the step: trained ones, then filtered groups, then failures (with their errors)."""
+    rest = [t for g in out.dropped for t in g.trajectories] + out.failed
+    append_jsonl(traj_dir / f"step_{step + 1:06d}.jsonl", out.trajectories + rest)
 
 
 def _drop_after(traj_dir: Path, step: int) -> None:
