@@ -71,6 +71,8 @@ def preflight(cfg: Config) -> None:
     if cfg.algorithm.kl_estimator.rstrip("+") not in KL_KINDS:
         raise ConfigError(f"algorithm.kl_estimator: {cfg.algorithm.kl_estimator!r} is not one of "
                           f"{', '.join(KL_KINDS)} (optionally with '+')")
+    from tirl.rollout.step import build_strategy
+    build_strategy(cfg)
     if cfg.pipeline.sft:
         try:
             task.sft_problems(1)
@@ -161,7 +163,8 @@ def stop_ids(policy: Policy) -> list[int]:
 def turn_limits(cfg: Config, model) -> TurnLimits:
     r = cfg.rollout
     return TurnLimits(max_turns=r.max_turns, max_new_tokens_per_turn=r.max_new_tokens_per_turn,
-                      max_new_tokens=r.max_new_tokens, max_context=max_context(cfg.model, model))
+                      max_new_tokens=r.max_new_tokens, max_context=max_context(cfg.model, model),
+                      timeout_s=r.timeout_s, observation_truncation=r.observation_truncation)
 
 
 class EnvFactory:
