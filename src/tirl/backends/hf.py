@@ -1,4 +1,5 @@
-"""The `hf` backend: transformers generation in-process, batched across concurrent trajectories.
+"""The `hf` backend: transformers generation in-process, batched across concurrent trajectories
+(continuously by default, `continuous.py`; batch-synchronously with scheduling="sync", `batching.py`).
 
 It owns its own copy of the policy in the generation dtype (bfloat16 where the hardware runs it fast),
 refreshed from the trainer's weights by `update_weights` after every optimizer step.
@@ -14,17 +15,28 @@ import torch
 
 from tirl.backends.base import Completion, GenerationRequest
 from tirl.backends.batching import BarrierBatcher
+from tirl.backends.continuous import ContinuousBatcher
 from tirl.backends.hf_engine import HFEngine
 
 
 class HFBackend:
     """Generator over a transformers causal LM (see module docstring)."""
 
-    def __init__(self, model, tokenizer, stop_token_ids: list[int], max_context: int, max_batch_size: int = 64):
+    def __init__(self, model, tokenizer, stop_token_ids: list[int], max_context: int, max_batch_size: int = 64,
+                 scheduling: str = "async"):
+        """`scheduling`: async (continuous batching: a turn joins the running batch when it is ready and
+        is answered when it ends) or sync (barrier: a batch runs when every live trajectory waits, and
+        answers when all of it is done)."""
         model.eval()
         self.model = model
         self.engine = HFEngine(model, tokenizer, stop_token_ids, max_context)
-        self.batcher = BarrierBatcher(self.engine.generate_batch, max_batch_size)
+        if scheduling == "async":
+            self.batcher = ContinuousBatcher(self.engine, max_batch_size)
+        elif scheduling == "sync":
+            self.batcher = BarrierBatcher(self.engine.generate_batch, max_batch_size)
+        else:
+            raise ValueError(f"scheduling must be 'async' or 'sync', got {scheduling!r}")
+        self.scheduling = scheduling
 
     async def generate(self, request: GenerationRequest) -> Completion:
         return await self.batcher.submit(request)

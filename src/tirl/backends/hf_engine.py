@@ -69,6 +69,26 @@ class _GrowingLayer(DynamicLayer):
             self._vbuf = self._vbuf.repeat_interleave(repeats, 0)
             self._refresh()
 
+    def append_rows(self, other: _GrowingLayer) -> None:
+        """Add `other`'s rows after this layer's, both right-aligned (left padding where shorter)."""
+        n = max(self._len, other._len)
+        k, v = self.keys, self.values
+        rows = k.shape[0] + other.keys.shape[0]
+        kb = k.new_zeros(rows, k.shape[1], max(64, 2 * n), k.shape[3])
+        vb = torch.zeros_like(kb)
+        kb[:k.shape[0], :, n - self._len:n], vb[:k.shape[0], :, n - self._len:n] = k, v
+        kb[k.shape[0]:, :, n - other._len:n], vb[k.shape[0]:, :, n - other._len:n] = other.keys, other.values
+        self._kbuf, self._vbuf, self._len = kb, vb, n
+        self._refresh()
+
+    def trim_left(self, columns: int) -> None:
+        """Drop the first `columns` positions (padding that no remaining row attends to)."""
+        if columns:
+            self._kbuf = self._kbuf[:, :, columns:]
+            self._vbuf = self._vbuf[:, :, columns:]
+            self._len -= columns
+            self._refresh()
+
 
 def new_cache(model) -> DynamicCache:
     """A DynamicCache whose full-attention layers grow in place (sliding-window layers untouched)."""
@@ -111,7 +131,11 @@ class _Row:
     budget: int
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    entropies: list[float] = field(default_factory=list)
     finish: str | None = None
+
+    def completion(self) -> Completion:
+        return Completion(tuple(self.tokens), tuple(self.logprobs), self.finish or "length", tuple(self.entropies))
 
 
 def common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
@@ -149,7 +173,7 @@ class HFEngine:
                 r.finish = "length"
         if live:
             self._run(rows, live)
-        return [Completion(tuple(r.tokens), tuple(r.logprobs), r.finish or "length") for r in rows]
+        return [r.completion() for r in rows]
 
     def _new_row(self, request: GenerationRequest) -> _Row:
         gen = torch.Generator(device="cpu").manual_seed(request.seed)
@@ -252,6 +276,11 @@ class HFEngine:
         for row, tok, lp in zip(rows, out, chosen.tolist()):
             if row.finish is None:
                 row.logprobs.append(lp)
+        if any(r.request.want_entropies for r in rows):
+            entropy = torch.special.entr(logp.exp()).sum(dim=-1).tolist()
+            for row, h in zip(rows, entropy):
+                if row.finish is None and row.request.want_entropies:
+                    row.entropies.append(h)
         return out
 
     def _append(self, row: _Row, tok: int) -> bool:

@@ -145,7 +145,7 @@ def make_backend(policy: Policy, cfg: Config) -> HFBackend:
     gen_model = loading.load_causal_lm(policy.path, policy.compute_dtype, policy.attn_implementation,
                                        policy.device)
     backend = HFBackend(gen_model, policy.tokenizer, stop_ids(policy), max_context(cfg.model, policy.model),
-                        cfg.rollout.max_batch_size)
+                        cfg.rollout.max_batch_size, cfg.backend.scheduling)
     backend.update_weights(loading.merged_state_dict(policy.model))
     return backend
 
