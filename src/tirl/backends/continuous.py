@@ -7,7 +7,8 @@ early waits for the batch's longest turn, and its tool runs only after that (bat
 Here a worker thread keeps one decode batch going. Between two decode steps it admits the requests
 that arrived (prefilled together, then appended to the running KV cache, left-padded to a common
 length), and a row whose turn ends is answered at once, so its tool runs while the other rows keep
-decoding and its next turn joins the batch as soon as the tool is back. Sampling stays per row
+decoding and its next turn joins the batch as soon as the tool is back. The cache keeps spare rows
+and positions (`_SlotLayer`), so joining and leaving copy only the rows concerned. Sampling stays per row
 (each row's own seeded generator), so a sample does not depend on which rows shared its batch,
 up to floating-point differences of the batch shapes.
 """
@@ -22,9 +23,96 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from tirl.backends.base import Completion, GenerationRequest
 from tirl.backends.hf_engine import HFEngine, _GrowingLayer, _Row, new_cache
+
+
+class _SlotLayer(DynamicLayer):
+    """A cache layer with spare rows and positions, so that rows join, leave and lose their leading
+    padding without copying the whole batch: rows [0, n) of the buffers hold the batch, positions
+    [start, end) its cache (each row right-aligned, left-padded with zeros)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._k = self._v = None
+        self.n = self.start = self.end = 0
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        add = key_states.shape[-2]
+        if self.end + add > self._k.shape[2]:
+            self._realloc(self._k.shape[0], left_room=0)
+        self._k[:self.n, :, self.end:self.end + add] = key_states
+        self._v[:self.n, :, self.end:self.end + add] = value_states
+        self.end += add
+        self._refresh()
+        return self.keys, self.values
+
+    def add_rows(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Append rows whose cache is `keys`/`values` (b, H, L, D), right-aligned with the others."""
+        b, length = keys.shape[0], keys.shape[2]
+        if self._k is None:
+            self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+            self._k = keys.new_zeros(max(8, 2 * b), keys.shape[1], 2 * length + 64, keys.shape[3])
+            self._v = torch.zeros_like(self._k)
+            self.start = self.end = length + 32
+        cur = self.end - self.start
+        if self.n + b > self._k.shape[0] or length > self.end:
+            self._realloc(max(self._k.shape[0], 2 * (self.n + b)), left_room=max(0, length - cur) + 32)
+        if length > cur:  # the batch's existing rows get more left padding
+            new_start = self.end - length
+            self._k[:self.n, :, new_start:self.start] = 0
+            self._v[:self.n, :, new_start:self.start] = 0
+            self.start = new_start
+        rows = slice(self.n, self.n + b)
+        self._k[rows, :, self.start:self.end - length] = 0
+        self._v[rows, :, self.start:self.end - length] = 0
+        self._k[rows, :, self.end - length:self.end] = keys
+        self._v[rows, :, self.end - length:self.end] = values
+        self.n += b
+        self._refresh()
+
+    def remove_rows(self, keep: list[int]) -> list[int]:
+        """Keep rows `keep` (sorted), moving the last ones into the gaps; returns the new row order
+        (new row i is old row order[i])."""
+        n_keep = len(keep)
+        kept = set(keep)
+        holes = [i for i in range(n_keep) if i not in kept]
+        sources = [j for j in keep if j >= n_keep]
+        if holes:
+            span = slice(self.start, self.end)
+            self._k[holes, :, span] = self._k[sources, :, span]
+            self._v[holes, :, span] = self._v[sources, :, span]
+        order = list(range(n_keep))
+        for h, src in zip(holes, sources):
+            order[h] = src
+        self.n = n_keep
+        self._refresh()
+        return order
+
+    def trim_left(self, columns: int) -> None:
+        self.start += columns
+        self._refresh()
+
+    def _realloc(self, rows: int, left_room: int) -> None:
+        length = self.end - self.start
+        k = self._k.new_zeros(rows, self._k.shape[1], left_room + 2 * length + 64, self._k.shape[3])
+        v = torch.zeros_like(k)
+        k[:self.n, :, left_room:left_room + length] = self._k[:self.n, :, self.start:self.end]
+        v[:self.n, :, left_room:left_room + length] = self._v[:self.n, :, self.start:self.end]
+        self._k, self._v, self.start, self.end = k, v, left_room, left_room + length
+
+    def _refresh(self) -> None:
+        self.keys = self._k[:self.n, :, self.start:self.end]
+        self.values = self._v[:self.n, :, self.start:self.end]
+
+
+def _slot_cache(model) -> DynamicCache:
+    cache = DynamicCache(config=model.config)
+    cache.layers = [_SlotLayer() for _ in cache.layers]
+    return cache
 
 
 @dataclass
@@ -125,8 +213,10 @@ class ContinuousBatcher:
         logits, attn, next_pos = eng._prefill([r.request.prompt_ids for r in rows], cache)
         eng.stats.prefill_s += time.perf_counter() - t0
         eng.stats.batches += 1
-        new = _Batch(rows, waiters, cache, attn, next_pos, logits)
-        return new if batch is None else _merge(batch, new)
+        if batch is None:
+            batch = _Batch([], [], _slot_cache(eng.model), attn.new_zeros(0, attn.shape[1]),
+                           next_pos.new_zeros(0), logits.new_zeros(0, logits.shape[1]))
+        return _merge(batch, _Batch(rows, waiters, cache, attn, next_pos, logits))
 
     def _step(self, batch: _Batch) -> _Batch | None:
         """Sample one token per row, answer the rows that finished, run one decode forward."""
@@ -167,9 +257,9 @@ class ContinuousBatcher:
 
 
 def _merge(a: _Batch, b: _Batch) -> _Batch:
-    """`b`'s rows appended to `a`'s, both right-aligned in the cache and attention mask."""
+    """`b`'s rows (a fresh prefill cache) appended to `a`'s slot cache, both right-aligned."""
     for la, lb in zip(a.cache.layers, b.cache.layers):
-        la.append_rows(lb)
+        la.add_rows(lb.keys, lb.values)
     n = max(a.attn.shape[1], b.attn.shape[1])
     attn = torch.cat([_pad_left(a.attn, n), _pad_left(b.attn, n)], dim=0)
     return _Batch(a.rows + b.rows, a.waiters + b.waiters, a.cache, attn,
@@ -177,20 +267,21 @@ def _merge(a: _Batch, b: _Batch) -> _Batch:
 
 
 def _compact(batch: _Batch, tokens: list[int]) -> list[int]:
-    """Drop finished rows, and the leading cache positions no remaining row attends to."""
+    """Drop finished rows (the last rows move into their slots), and the leading cache positions no
+    remaining row attends to; returns `tokens` in the new row order."""
     keep = [k for k, r in enumerate(batch.rows) if r.finish is None]
-    idx = torch.tensor(keep, device=batch.attn.device)
-    batch.cache.batch_select_indices(idx)
+    order = [layer.remove_rows(keep) for layer in batch.cache.layers][0]
+    idx = torch.tensor(order, device=batch.attn.device)
     batch.attn, batch.next_pos, batch.logits = batch.attn[idx], batch.next_pos[idx], batch.logits[idx]
-    batch.rows = [batch.rows[k] for k in keep]
-    batch.waiters = [batch.waiters[k] for k in keep]
+    batch.rows = [batch.rows[k] for k in order]
+    batch.waiters = [batch.waiters[k] for k in order]
     used = (batch.attn.sum(dim=0) > 0).nonzero()
     first = int(used[0]) if len(used) else 0
     if first:
         for layer in batch.cache.layers:
             layer.trim_left(first)
         batch.attn = batch.attn[:, first:]
-    return [tokens[k] for k in keep]
+    return [tokens[k] for k in order]
 
 
 def _pad_left(attn: torch.Tensor, n: int) -> torch.Tensor:
