@@ -72,9 +72,15 @@ class FissionConfig(_Section):
                                                            "(default: rollout.group_size).")
     max_groups: int | None = Field(None, ge=1, description="Recovery groups per step, newest errors first "
                                                            "(default: rollout.prompts_per_step).")
-    statuses: list[str] = Field(["execution_error", "timeout", "invalid_arguments"], description=(
-        "Tool result statuses that count as a tool execution error."))
+    statuses: list[Literal["invalid_call", "unknown_tool", "validation_error", "execution_error", "timeout"]] = Field(
+        ["execution_error", "timeout", "validation_error"], min_length=1, description=(
+            "Tool result statuses that count as a tool execution error (validation_error: invalid arguments; "
+            "invalid_call: unparseable call)."))
     buffer_size: int | None = Field(None, ge=1, description="LIFO buffer of failed prefixes (default: max_groups).")
+    judge: Literal["none", "policy"] = Field("none", description=(
+        "Feedback after the failed call: none (the tool's error message) or policy (the policy also writes a "
+        "short diagnosis of the call, appended to the error; one that contains the answer is discarded)."))
+    judge_max_tokens: int = Field(64, ge=1, description="Tokens of a judge's diagnosis at most.")
 
 
 class EntropyBranchConfig(_Section):

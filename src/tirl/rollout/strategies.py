@@ -1,3 +1,4 @@
 """Imports every built-in rollout strategy so that it registers itself in `STRATEGIES`."""
 
 from tirl.rollout import groups  # noqa: F401 - flat
+from tirl.rollout import fission  # noqa: F401 - fission
