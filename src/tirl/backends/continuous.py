@@ -27,6 +27,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from tirl.backends.base import Completion, GenerationRequest
+from tirl.models.loading import with_cache
 from tirl.backends.hf_engine import HFEngine, _GrowingLayer, _Row, new_cache
 
 
@@ -238,7 +239,7 @@ class ContinuousBatcher:
             step_ids = torch.tensor(tokens, device=eng.device).unsqueeze(1)
             batch.attn = torch.cat([batch.attn, batch.attn.new_ones(batch.attn.shape[0], 1)], dim=1)
             out = eng.model(input_ids=step_ids, attention_mask=batch.attn, position_ids=batch.next_pos.unsqueeze(1),
-                            past_key_values=batch.cache, use_cache=True)
+                            use_cache=True, **with_cache(eng.model, batch.cache))
             batch.next_pos = batch.next_pos + 1
             batch.logits = out.logits[:, -1].float()
             return batch

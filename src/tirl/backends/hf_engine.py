@@ -22,6 +22,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from tirl.backends.base import Completion, GenerationRequest
+from tirl.models.loading import with_cache
 
 
 class _GrowingLayer(DynamicLayer):
@@ -215,7 +216,7 @@ class HFEngine:
             step_ids = torch.tensor(tokens, device=self.device).unsqueeze(1)
             attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1)
             out = self.model(input_ids=step_ids, attention_mask=attn, position_ids=next_pos.unsqueeze(1),
-                             past_key_values=cache, use_cache=True)
+                             use_cache=True, **with_cache(self.model, cache))
             next_pos = next_pos + 1
             logits = out.logits[:, -1].float()
 
@@ -223,8 +224,8 @@ class HFEngine:
         """Fill the cache for all prompts; returns last-position logits, 2D attention mask, next positions."""
         c = min(common_prefix_len(prompts), min(len(p) for p in prompts) - 1)
         if c > 0:
-            self.model(input_ids=torch.tensor([prompts[0][:c]], device=self.device), past_key_values=cache,
-                       use_cache=True, logits_to_keep=1)
+            self.model(input_ids=torch.tensor([prompts[0][:c]], device=self.device), use_cache=True,
+                       logits_to_keep=1, **with_cache(self.model, cache))
             self.stats.prefill_tokens += c
         suffixes = [tuple(p[c:]) for p in prompts]
         unique: dict[tuple[int, ...], int] = {}
@@ -243,7 +244,7 @@ class HFEngine:
             pos[u, width - len(s):] = torch.arange(c, c + len(s))
         attn = torch.cat([torch.ones((len(uniq), c), dtype=torch.long), suffix_mask], dim=1).to(self.device)
         out = self.model(input_ids=ids.to(self.device), attention_mask=attn, position_ids=pos.to(self.device),
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+                         use_cache=True, logits_to_keep=1, **with_cache(self.model, cache))
         index = torch.tensor(row_to_unique, device=self.device)
         if len(uniq) != len(prompts) or row_to_unique != list(range(len(uniq))):
             cache.batch_select_indices(index)

@@ -124,6 +124,25 @@ def apply_lora(model, r: int, alpha: int, dropout: float, target_modules: str | 
     return get_peft_model(model, cfg)
 
 
+@functools.cache
+def _cache_kwarg(cls: type) -> str:
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def with_cache(model, cache) -> dict[str, Any]:
+    """The keyword that passes a KV cache to `model`'s forward: `cache` in newer transformers 5.x
+    releases, `past_key_values` before (the old name warns in the releases that renamed it)."""
+    return {_cache_kwarg(type(model)): cache}
+
+
+def output_cache(out):
+    """The KV cache a forward returned (`cache` or, in older releases, `past_key_values`)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 def base_model(model):
     """The underlying transformers model (unwraps a peft model)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from tirl.backends.hf_engine import common_prefix_len
-from tirl.models.loading import base_model
+from tirl.models.loading import base_model, output_cache, with_cache
 
 
 @dataclass(frozen=True)
@@ -100,11 +100,11 @@ def _hidden_table(model, full: list[list[int]], device) -> torch.Tensor:
     cache = None
     if c > 0:
         out = decoder(input_ids=torch.tensor([full[0][:c]], device=device), use_cache=True)
-        cache = out.past_key_values
+        cache = output_cache(out)
         cache.batch_repeat_interleave(len(full))
         pieces.append(out.last_hidden_state[0])
     out = decoder(input_ids=ids.to(device), attention_mask=attn.to(device), position_ids=pos.to(device),
-                  past_key_values=cache, use_cache=cache is not None)
+                  use_cache=cache is not None, **with_cache(decoder, cache))
     pieces.append(out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1]))
     return torch.cat(pieces, dim=0)
 
