@@ -109,16 +109,19 @@ def _with_deadline(spec: RolloutSpec, step_timeout_s: float | None) -> RolloutSp
 
 
 def _save(traj_dir: Path, step: int, out: StrategyOutput) -> None:
-    """Every trajectory of the step: trained ones, then filtered groups, then failures (with their errors)."""
+    """Every trajectory of the step: those trained on in `step_N.jsonl`; filtered groups, then failures
+    (with their errors) in `step_N.untrained.jsonl`."""
+    append_jsonl(traj_dir / f"step_{step + 1:06d}.jsonl", out.trajectories)
     rest = [t for g in out.dropped for t in g.trajectories] + out.failed
-    append_jsonl(traj_dir / f"step_{step + 1:06d}.jsonl", out.trajectories + rest)
+    if rest:
+        append_jsonl(traj_dir / f"step_{step + 1:06d}.untrained.jsonl", rest)
 
 
 def _drop_after(traj_dir: Path, step: int) -> None:
     """Trajectory files of steps a resumed run will redo."""
     if traj_dir.exists():
         for f in traj_dir.glob("step_*.jsonl"):
-            if int(f.stem.split("_")[1]) > step:
+            if int(f.name[len("step_"):].split(".")[0]) > step:
                 f.unlink()
 
 
