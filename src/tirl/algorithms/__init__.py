@@ -32,14 +32,23 @@ from tirl.algorithms.losses import (
     value_loss,
 )
 from tirl.algorithms.registry import ADVANTAGES, POLICY_LOSSES, register_advantage, register_policy_loss
+from tirl.algorithms.tree import (
+    NeedsTreeError,
+    TreeStructure,
+    mean_over_sharing_rows,
+    owner_mask,
+    portool_advantages,
+)
 
 __all__ = [
     "ADVANTAGES",
     "AGG_MODES",
     "KL_KINDS",
+    "NeedsTreeError",
     "POLICY_LOSSES",
     "AdvantageInput",
     "PolicyLossInput",
+    "TreeStructure",
     "agg_loss",
     "drgrpo_advantages",
     "entropy_from_logits",
@@ -51,7 +60,10 @@ __all__ = [
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "mean_over_sharing_rows",
+    "owner_mask",
     "outcome_token_rewards",
+    "portool_advantages",
     "ppo_clip_loss",
     "register_advantage",
     "register_policy_loss",

@@ -14,12 +14,16 @@ token of the row; their `returns` equal the advantages (as verl). Estimators do 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from tirl.algorithms.losses import masked_whiten
 from tirl.algorithms.registry import register_advantage
+
+if TYPE_CHECKING:
+    from tirl.algorithms.tree import TreeStructure
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,9 @@ class AdvantageInput:
     """(B,) int64; rows with the same id are samples of the same prompt."""
     values: Tensor | None = None
     """(B, T) critic values V_t of the state before token t (GAE only)."""
+    tree: TreeStructure | None = None
+    """Rollout-tree structure (which step holds each token, each step's parent) when the batch has tree
+    groups; None for flat batches. Estimators that ignore it treat a tree's leaves as its G samples."""
 
     def __post_init__(self) -> None:
         shape = tuple(self.token_rewards.shape)
@@ -45,6 +52,9 @@ class AdvantageInput:
             raise ValueError(f"AdvantageInput.group_ids must be ({shape[0]},), got {tuple(self.group_ids.shape)}")
         if self.values is not None and tuple(self.values.shape) != shape:
             raise ValueError(f"AdvantageInput.values must match token_rewards {shape}, got {tuple(self.values.shape)}")
+        if self.tree is not None and tuple(self.tree.node_B_T.shape) != shape:
+            raise ValueError(f"AdvantageInput.tree.node_B_T must match token_rewards {shape}, "
+                             f"got {tuple(self.tree.node_B_T.shape)}")
 
 
 def outcome_token_rewards(rewards_B: Tensor, mask_B_T: Tensor) -> Tensor:

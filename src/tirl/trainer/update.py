@@ -3,19 +3,30 @@
 Pure orchestration of registered functions (`tirl.algorithms`): the estimator and the loss are
 looked up by name, never special-cased here. Micro-batches are summed with global normalisers, so
 gradient accumulation gives the same update as one full batch.
+
+Rollout trees (reference 4.1): a step shared by several leaves of a tree is trained once, whatever
+the estimator. The estimator sees the tree (`AdvantageInput.tree`: each token's step and each step's
+parent) and gives per-row advantages as usual (a flat estimator such as `grpo` treats the leaves as
+the group's G samples); then every token of a shared step gets the mean of its rows' advantages and
+is kept in one row only (`Batch.train_mask`), so the loss, its token counts and the metrics count it
+once (with `seq-mean-*` aggregations, a row's mean is over the tokens it keeps, and a row that keeps
+none is not counted). Each trajectory's `loss_mask` (and `Batch.mask`) stays exactly as sampled.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
-from tirl.algorithms import (ADVANTAGES, POLICY_LOSSES, AdvantageInput, PolicyLossInput, agg_loss, kl_penalty,
-                             loss_normalisers, outcome_token_rewards)
+from tirl.algorithms import (ADVANTAGES, POLICY_LOSSES, AdvantageInput, NeedsTreeError, PolicyLossInput, TreeStructure,
+                             agg_loss, kl_penalty, loss_normalisers, mean_over_sharing_rows, outcome_token_rewards,
+                             owner_mask)
+from tirl.errors import ConfigError, InvariantError
+from tirl.rollout.tree import ROOT, check_tree, is_tree, node_spans
 from tirl.trainer.forward import response_logprobs
 from tirl.types import Trajectory, TrajectoryGroup
 
@@ -48,12 +59,22 @@ class Batch:
 
     trajs: list[Trajectory]
     mask: torch.Tensor
+    """(B, T) the trajectories' loss masks, as sampled."""
     advantages: torch.Tensor
     old_logprobs: torch.Tensor | None = None
+    train_mask: torch.Tensor | None = None
+    """(B, T) the tokens the loss covers: `mask` with each token of a shared tree step kept in one row
+    only (None: `mask`)."""
+
+    @property
+    def trained(self) -> torch.Tensor:
+        """(B, T) mask of the tokens trained on (each distinct token once)."""
+        return self.mask if self.train_mask is None else self.train_mask
 
 
 def advantages_for(groups: Sequence[TrajectoryGroup], s: UpdateSettings) -> Batch:
-    """Run the configured estimator on the whole batch (groups define the group ids)."""
+    """Run the configured estimator on the whole batch (groups define the group ids); on tree groups,
+    train each shared step once with the mean advantage of its rows (module docstring)."""
     trajs = [t for g in groups for t in g.trajectories]
     width = max(1, max(len(t.response_ids) for t in trajs))
     mask = torch.zeros(len(trajs), width)
@@ -61,9 +82,50 @@ def advantages_for(groups: Sequence[TrajectoryGroup], s: UpdateSettings) -> Batc
         mask[i, :len(t.loss_mask)] = torch.tensor(t.loss_mask, dtype=torch.float32)
     group_ids = torch.tensor([gi for gi, g in enumerate(groups) for _ in g.trajectories])
     rewards = torch.tensor([t.reward for t in trajs], dtype=torch.float32)
-    inp = AdvantageInput(token_rewards=outcome_token_rewards(rewards, mask), mask=mask, group_ids=group_ids)
-    adv, _ = ADVANTAGES.get(s.advantage)(inp, **s.advantage_kwargs)
-    return Batch(trajs, mask, adv.float())
+    tree = tree_structure(groups, width)
+    inp = AdvantageInput(token_rewards=outcome_token_rewards(rewards, mask), mask=mask, group_ids=group_ids,
+                         tree=tree)
+    try:
+        adv, _ = ADVANTAGES.get(s.advantage)(inp, **s.advantage_kwargs)
+    except NeedsTreeError as e:
+        raise ConfigError(f"algorithm.advantage={s.advantage}: {e}") from None
+    if tree is None:
+        return Batch(trajs, mask, adv.float())
+    adv = mean_over_sharing_rows(adv, tree.node_B_T) * mask
+    return Batch(trajs, mask, adv, train_mask=mask * owner_mask(tree.node_B_T))
+
+
+def tree_structure(groups: Sequence[TrajectoryGroup], width: int) -> TreeStructure | None:
+    """The batch's rollout trees as tensors (None when no group is a tree): the step holding each token
+    (-1 on rows of flat groups and on padding), each step's parent, and whether its tool calls all ran
+    ok. Nodes are numbered in first-seen order of (group, node id); each tree's root is a node too."""
+    if not any(is_tree(g) for g in groups):
+        return None
+    index: dict[tuple[int, str], int] = {}
+    parent: list[int] = []
+    tools_ok: list[bool] = []
+
+    def node(key: tuple[int, str], parent_index: int, ok: bool) -> int:
+        if key not in index:
+            index[key] = len(parent)
+            parent.append(parent_index)
+            tools_ok.append(ok)
+        return index[key]
+
+    node_B_T = torch.full((sum(len(g.trajectories) for g in groups), width), -1, dtype=torch.long)
+    row = 0
+    for gi, g in enumerate(groups):
+        if is_tree(g):
+            try:
+                check_tree(g)
+            except ValueError as e:
+                raise InvariantError(f"rollout tree: {e}") from None
+            for r, t in enumerate(g.trajectories):
+                for (up, name, start, end), turn in zip(node_spans(t), t.turns):
+                    up_index = node((gi, up), -1, True) if up == ROOT else index[(gi, up)]
+                    node_B_T[row + r, start:end] = node((gi, name), up_index, all(x.ok for x in turn.tool_results))
+        row += len(g.trajectories)
+    return TreeStructure(node_B_T, torch.tensor(parent, dtype=torch.long), torch.tensor(tools_ok, dtype=torch.bool))
 
 
 def rl_update(model, optimizer, batch: Batch, s: UpdateSettings, ref_model=None) -> dict[str, float]:
@@ -80,7 +142,7 @@ def rl_update(model, optimizer, batch: Batch, s: UpdateSettings, ref_model=None)
 
 
 def _minibatch_step(model, optimizer, batch: Batch, rows: list[int], s: UpdateSettings, ref_model):
-    num_tokens, num_seqs = loss_normalisers(batch.mask[rows])
+    num_tokens, num_seqs = loss_normalisers(batch.trained[rows])
     norm_constant = float(batch.mask.shape[1])
     sums: dict[str, float] = {}
     active = _rows_with_gradient(batch, rows, s)
@@ -95,7 +157,7 @@ def _minibatch_step(model, optimizer, batch: Batch, rows: list[int], s: UpdateSe
     grad_norm = _clip(model, s.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    scored = float(batch.mask[active].sum()) if active else 0.0
+    scored = float(batch.trained[active].sum()) if active else 0.0
     out = {k: v / scored for k, v in sums.items()} if scored else {}
     out["train/loss"] = total_loss
     out["train/grad_norm"] = grad_norm
@@ -110,7 +172,7 @@ def _rows_with_gradient(batch: Batch, rows: list[int], s: UpdateSettings) -> lis
     so it is not run at all; the normalisers still count it, so the update is unchanged."""
     if s.kl_coef or s.entropy_coef or not s.skip_zero_advantage:
         return rows
-    return [i for i in rows if bool((batch.advantages[i] * batch.mask[i]).abs().sum() > 0)]
+    return [i for i in rows if bool((batch.advantages[i] * batch.trained[i]).abs().sum() > 0)]
 
 
 def _micro_loss(model, batch: Batch, micro: list[int], s: UpdateSettings, ref_model, norms):
@@ -120,7 +182,7 @@ def _micro_loss(model, batch: Batch, micro: list[int], s: UpdateSettings, ref_mo
                                compute_dtype=s.compute_dtype, with_entropy=True,
                                entropy_grad=s.entropy_coef != 0.0)
     width = scored.logprobs.shape[1]
-    mask = batch.mask[micro, :width].to(scored.logprobs.device)
+    mask = batch.trained[micro, :width].to(scored.logprobs.device)
     adv = batch.advantages[micro, :width].to(mask.device)
     old = (batch.old_logprobs[micro, :width].to(mask.device) if batch.old_logprobs is not None
            else scored.logprobs.detach())
@@ -172,7 +234,7 @@ def _with_old_logprobs(model, batch: Batch, s: UpdateSettings) -> Batch:
                                    [t.loss_mask for t in trajs], temperature=s.temperature,
                                    compute_dtype=s.compute_dtype)
         old[micro, :scored.logprobs.shape[1]] = scored.logprobs.cpu()
-    return Batch(batch.trajs, batch.mask, batch.advantages, old)
+    return replace(batch, old_logprobs=old)
 
 
 def _clip(model, max_norm: float | None) -> float:
