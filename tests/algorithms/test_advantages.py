@@ -22,6 +22,8 @@ from tirl.algorithms import (
 from tirl.registry import RegistryError
 
 EXPECTED_ESTIMATORS = {"grpo", "drgrpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gae"}
+TREE_ESTIMATORS = {"portool"}
+"""Estimators that need rollout trees (tested in test_tree_advantage.py)."""
 
 
 def outcome_input(rewards: list[float], group_ids: list[int], T: int = 3) -> AdvantageInput:
@@ -315,7 +317,7 @@ def test_vectorised_estimator_matches_loop_reference(name, params, reference, se
 
 
 def test_registered_names():
-    assert set(ADVANTAGES) == EXPECTED_ESTIMATORS
+    assert set(ADVANTAGES) == EXPECTED_ESTIMATORS | TREE_ESTIMATORS
     assert "ppo_clip" in POLICY_LOSSES
 
 
@@ -324,7 +326,7 @@ def test_duplicate_name_raises():
         register_advantage("grpo")(lambda inp: (inp.mask, inp.mask))
     with pytest.raises(RegistryError, match="already registered"):
         register_policy_loss("ppo_clip")(lambda inp: (inp.logprobs.sum(), {}))
-    assert set(ADVANTAGES) == EXPECTED_ESTIMATORS
+    assert set(ADVANTAGES) == EXPECTED_ESTIMATORS | TREE_ESTIMATORS
 
 
 def test_unknown_name_lists_valid_names():
