@@ -6,6 +6,7 @@ the first second with a message naming the key.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 
 from tirl.algorithms import ADVANTAGES, KL_KINDS, POLICY_LOSSES
+from tirl.backends.base import Generator
 from tirl.backends.hf import HFBackend
 from tirl.chat.format import ChatFormat, load_chat_format, template_supports_tools
 from tirl.config import Config, ModelConfig, TaskConfig
@@ -73,11 +75,31 @@ def preflight(cfg: Config) -> None:
                           f"{', '.join(KL_KINDS)} (optionally with '+')")
     from tirl.rollout.step import build_strategy
     build_strategy(cfg)
+    check_backend(cfg)
     if cfg.pipeline.sft:
         try:
             task.sft_problems(1)
         except NotImplementedError as e:
             raise ConfigError(f"pipeline.sft is on but {e}; set pipeline.sft=false") from None
+
+
+def check_backend(cfg: Config) -> None:
+    """The backend's package is importable, and the backend can do what the pipeline asks of it."""
+    b, p = cfg.backend, cfg.pipeline
+    if b.name == "openai":
+        if importlib.util.find_spec("openai") is None:
+            raise ConfigError("backend.name=openai needs the openai package: pip install 'tirl[openai]'")
+        if p.rl and b.openai.endpoint == "chat":
+            raise ConfigError("backend.openai.endpoint=chat is text-level (token ids re-tokenised from the server's "
+                              "text, log-probs often missing), so RL cannot train on it; it is for evaluation only "
+                              "(pipeline.rl=false)")
+        if p.rl or (p.sft and p.eval_after_sft):
+            raise ConfigError(f"backend.name=openai generates with the model served at {b.openai.base_url}, which "
+                              "cannot receive the weights tirl trains, so RL rollouts (and evaluations after "
+                              "training) would use a stale model. Use it for `tirl eval` (or pipeline.rl=false, "
+                              "pipeline.sft=false), and backend.name=hf or vllm for training")
+    elif b.name == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ConfigError("backend.name=vllm needs vLLM on a CUDA machine: pip install 'tirl[vllm]'")
 
 
 def build_task(cfg: TaskConfig) -> Task:
@@ -140,8 +162,19 @@ def max_context(cfg: ModelConfig, model) -> int:
     return min(limit, cfg.max_context) if cfg.max_context else limit
 
 
-def make_backend(policy: Policy, cfg: Config) -> HFBackend:
-    """An `hf` backend with its own copy of the policy in the compute dtype."""
+def make_backend(policy: Policy, cfg: Config) -> Generator:
+    """The generator named by `backend.name`: hf (a copy of the policy in the compute dtype, in-process),
+    openai (an OpenAI-compatible server; the policy gives the tokenizer), or vllm (in-process engine)."""
+    name = cfg.backend.name
+    if name == "openai":
+        from tirl.backends.openai import OpenAIBackend
+
+        return OpenAIBackend.from_config(cfg.backend.openai, policy.tokenizer, stop_ids(policy),
+                                         policy.fmt.eos_token_id)
+    if name == "vllm":
+        from tirl.backends.vllm import VLLMBackend
+
+        return VLLMBackend.from_policy(policy, cfg)
     gen_model = loading.load_causal_lm(policy.path, policy.compute_dtype, policy.attn_implementation,
                                        policy.device)
     backend = HFBackend(gen_model, policy.tokenizer, stop_ids(policy), max_context(cfg.model, policy.model),
