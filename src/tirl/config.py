@@ -84,15 +84,24 @@ class FissionConfig(_Section):
 
 
 class EntropyBranchConfig(_Section):
-    """ARPO/AEPO entropy-guided branching (reference 4.5): rollout.group_size trajectories per prompt in all."""
+    """ARPO/AEPO entropy-guided branching (reference 4.5): rollout.group_size leaves per prompt in all."""
 
-    initial: int | None = Field(None, ge=1, description="Independent samples started per prompt (default: G/2).")
-    branch_factor: int = Field(2, ge=1, description="Z: extra copies forked at a high-entropy tool result.")
+    initial: int | None = Field(None, ge=1, description="Independent samples started per prompt (ARPO: a fixed "
+                                                        "number, e.g. G/2). Set, it replaces pre-monitoring; None: "
+                                                        "AEPO pre-monitoring, m = round(G*sigmoid(beta*(H_root - "
+                                                        "H_tool))).")
+    branch_factor: int = Field(2, ge=2, description="Z: children of a node that branches (the path's own "
+                                                    "continuation and Z-1 forks; ARPO's beam_size).")
     probe_tokens: int = Field(10, ge=1, description="Tokens after a tool result whose mean entropy is compared "
                                                     "with the entropy at the start of the answer.")
-    alpha: float = Field(0.5, description="Base branching probability.")
-    beta: float = Field(0.2, description="Weight of the normalised entropy rise.")
-    threshold: float = Field(0.5, description="Branch when the branching score exceeds this.")
+    alpha: float = Field(0.5, description="Base branching score.")
+    beta: float = Field(0.2, description="Pre-monitoring weight: initial samples m = round(G*sigmoid(beta*(H_root "
+                                         "- H_tool))).")
+    gamma: float = Field(0.2, description="Weight of the normalised entropy change dH in the branching score "
+                                          "(ARPO's entropy_weight).")
+    penalty: float = Field(0.2, ge=0.0, description="Consecutive-branch penalty step: P(l) = min(penalty*l, 1) "
+                                                    "after l branchings in a row on a path.")
+    threshold: float = Field(0.5, description="Branch when (alpha + gamma*dH)*(1 - P(l)) exceeds this.")
 
 
 class DynamicSamplingConfig(_Section):
@@ -135,7 +144,8 @@ class RolloutConfig(_Section):
 
 class OpenAIBackendConfig(_Section):
     base_url: str = Field("http://127.0.0.1:8000/v1", description="The server's OpenAI-compatible /v1 URL.")
-    model: str | None = Field(None, description="Model name the server knows (default: model.name).")
+    model: str | None = Field(None, description="Model name the server knows (default: the one model it serves, "
+                                                 "from GET /models).")
     api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key (may be unset).")
     endpoint: Literal["auto", "completions", "chat"] = Field(
         "auto", description="completions: token ids in and out (exact; needed for training); chat: chat "
