@@ -281,3 +281,17 @@ def test_episodes_that_cannot_start_are_root_leaves(smol_format):
     assert all(t.stop_reason == StopReason.CONTEXT_OVERFLOW for t in group.trajectories)
     batch = advantages_for(out.groups, UpdateSettings(advantage="portool"))
     assert int(batch.trained.sum()) == 0
+
+
+@pytest.mark.parametrize("strategy", ["flat", "fission"])
+def test_preflight_refuses_a_tree_estimator_on_flat_groups(strategy):
+    from tirl.config import load_config
+    from tirl.errors import ConfigError
+    from tirl.trainer.build import preflight
+
+    cfg = load_config(None, [f"rollout.strategy={strategy}", "algorithm.advantage=portool"])
+    with pytest.raises(ConfigError, match=f"algorithm.advantage=portool needs rollout trees, but "
+                                          f"rollout.strategy={strategy} samples flat groups"):
+        preflight(cfg)
+    for tree_strategy in ("tree", "entropy_branch"):
+        preflight(load_config(None, [f"rollout.strategy={tree_strategy}", "algorithm.advantage=portool"]))

@@ -40,6 +40,10 @@ from tirl.algorithms.advantages import (AdvantageInput, _broadcast, _group_stats
 from tirl.algorithms.registry import register_advantage
 
 
+TREE_ESTIMATORS = frozenset({"portool"})
+"""Advantage estimators that need rollout trees (a strategy with `makes_trees`)."""
+
+
 class NeedsTreeError(ValueError):
     """An estimator that needs rollout trees was given rows that are not in a tree."""
 

@@ -135,6 +135,9 @@ class Path:
 class EntropyBranch(Stateless):
     """ARPO/AEPO entropy-guided branching at tool results: k = `rollout.group_size` leaves per problem."""
 
+    makes_trees = True
+    """Its groups are trees (tree estimators such as `portool` need this)."""
+
     def __init__(self, initial: int | None = None, branch_factor: int = 2, probe_tokens: int = 10,
                  alpha: float = 0.5, beta: float = 0.2, gamma: float = 0.2, penalty: float = 0.2,
                  threshold: float = 0.5):

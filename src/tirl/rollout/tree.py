@@ -126,6 +126,9 @@ def _order(path: Sequence[str]) -> tuple[int, ...]:
 class Tree(Stateless):
     """PORTool rollout trees: `rollout.group_size` leaves per problem sharing prefixes (module docstring)."""
 
+    makes_trees = True
+    """Its groups are trees (tree estimators such as `portool` need this)."""
+
     def __init__(self, branch_factor: int = 2, max_depth: int | None = None):
         """`max_depth` (T_max, in turns) defaults to `rollout.max_turns`."""
         if branch_factor < 1:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from tirl.algorithms import ADVANTAGES, KL_KINDS, POLICY_LOSSES
+from tirl.algorithms.tree import TREE_ESTIMATORS
 from tirl.backends.base import Generator
 from tirl.backends.hf import HFBackend
 from tirl.chat.format import ChatFormat, load_chat_format, template_supports_tools
@@ -74,7 +75,11 @@ def preflight(cfg: Config) -> None:
         raise ConfigError(f"algorithm.kl_estimator: {cfg.algorithm.kl_estimator!r} is not one of "
                           f"{', '.join(KL_KINDS)} (optionally with '+')")
     from tirl.rollout.step import build_strategy
-    build_strategy(cfg)
+    strategy = build_strategy(cfg)
+    if cfg.algorithm.advantage in TREE_ESTIMATORS and not getattr(strategy, "makes_trees", False):
+        raise ConfigError(f"algorithm.advantage={cfg.algorithm.advantage} needs rollout trees, but "
+                          f"rollout.strategy={cfg.rollout.strategy} samples flat groups; use rollout.strategy=tree "
+                          "or entropy_branch")
     check_backend(cfg)
     if cfg.pipeline.sft:
         try:
