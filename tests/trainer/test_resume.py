@@ -24,7 +24,8 @@ def token_parity(trajectory, problem, group):
     return {"even": sum(1 for t in ids if t % 2 == 0) / max(1, len(ids))}
 '''
 
-VOLATILE = ("time/", "speed/")
+VOLATILE = ("time/", "speed/", "gen/batches", "gen/decode_steps", "gen/prefill_tokens")
+"""Clock readings, and how the asynchronous batcher happened to group turns into decode batches (timing)."""
 
 
 def _command(model_dir: Path) -> list[str]:
