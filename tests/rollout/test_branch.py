@@ -21,12 +21,12 @@ from tirl.envs.tool_env import ToolEnv
 from tirl.errors import ConfigError, RolloutError
 from tirl.rewards.base import RewardResult
 from tirl.rollout.agent import TurnLimits
-from tirl.rollout.branch import (EntropyBranch, branch_score, initial_samples, normalised_change, sigmoid,
-                                 tree_edges)
+from tirl.rollout.branch import EntropyBranch, branch_score, initial_samples, normalised_change, sigmoid
 from tirl.rollout.groups import RolloutContext, RolloutSpec, run_strategy
 from tirl.tasks.base import Problem
 from tirl.tools import ToolSet, calculator
-from tirl.types import StopReason, TreeEdge
+from tirl.rollout.tree import check_tree
+from tirl.types import StopReason
 
 TOOLS = ToolSet([calculator])
 RIGHT = "<answer>2</answer><|im_end|>"
@@ -100,12 +100,6 @@ def test_formulas_by_hand():
     assert branch_score(1.0, 0, 0.5, 0.2, 0.2) == pytest.approx(0.7)
     assert branch_score(1.0, 5, 0.5, 0.2, 0.2) == 0.0  # P(5) = min(1, 1)
     assert branch_score(1.0, 1, 0.5, 0.2, 1.0) == 0.0  # P(l) = 1: no branching right after one
-
-
-def test_tree_edges_once_each_in_first_visit_order():
-    paths = [("r", "r.0", "r.0.0"), ("r", "r.0", "r.0.1", "r.0.1.0"), ("r", "r.1")]
-    assert tree_edges(paths) == (TreeEdge("r", "r.0"), TreeEdge("r.0", "r.0.0"), TreeEdge("r.0", "r.0.1"),
-                                 TreeEdge("r.0.1", "r.0.1.0"), TreeEdge("r", "r.1"))
 
 
 # ----------------------------------------------------------------------------- pre-monitoring
@@ -227,6 +221,7 @@ def test_with_full_penalty_a_path_that_just_branched_does_not_branch_again(smol_
     ctx = _ctx(smol_format, entropies=by_turn(1.0, 2.0), k=16)
     out = _run(EntropyBranch(initial=1, penalty=1.0), ctx)
     [group] = out.groups
+    check_tree(group)  # the trainer's own consistency check: shared nodes are the same tokens in every leaf
     assert out.metrics["branch/branches"] > 1 and not _consecutive_branchings(group)
     # path 0 branches at steps 0 and 2, not at step 1
     assert _children(group.edges)["r.0"] == ["r.0.0", "r.0.1"]

@@ -65,8 +65,9 @@ from dataclasses import dataclass
 from tirl.errors import ConfigError, RolloutError
 from tirl.rollout.agent import Episode, advance, finish, fork, is_failed, record_error, start_episode
 from tirl.rollout.groups import STRATEGIES, RolloutContext, Stateless, StrategyOutput
+from tirl.rollout.tree import tree_edges
 from tirl.tasks.base import Problem
-from tirl.types import Trajectory, TrajectoryMeta, TreeEdge
+from tirl.types import Trajectory, TrajectoryMeta
 
 ROOT = "r"
 """Node id of the prompt."""
@@ -95,15 +96,6 @@ def normalised_change(h_t: float, h_init: float) -> float:
 def branch_score(dh: float, streak: int, alpha: float, gamma: float, penalty: float) -> float:
     """P_t = (alpha + gamma * dH) * (1 - min(penalty * l, 1)), with l = `streak`."""
     return (alpha + gamma * dh) * (1.0 - min(penalty * streak, 1.0))
-
-
-def tree_edges(node_ids: Sequence[Sequence[str]]) -> tuple[TreeEdge, ...]:
-    """Every (parent, child) pair along the given root-first node paths, once each, in first-visit order."""
-    seen: dict[tuple[str, str], None] = {}
-    for path in node_ids:
-        for parent, child in zip(path, path[1:]):
-            seen.setdefault((parent, child), None)
-    return tuple(TreeEdge(p, c) for p, c in seen)
 
 
 @dataclass
@@ -164,7 +156,7 @@ class EntropyBranch(Stateless):
             ok = [t for t in trajs if not is_failed(t)]
             if ok:
                 out.groups.append(ctx.score(ok, tree.problem, tree.group_id,
-                                            edges=tree_edges([t.meta.node_ids for t in ok])))
+                                            edges=tree_edges(ok)))
         out.metrics.update(tree_metrics(trees))
         return out
 
