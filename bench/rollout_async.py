@@ -3,18 +3,25 @@
     python bench/rollout_async.py [--latency 0.2] [--tool-turns 1 3] [--prompts 4] [--samples 8]
 
 The same trajectories (same prompts, seeds and token budgets; the default model on CPU, in its
-generation dtype) are rolled out three ways, side by side in this one process:
+generation dtype) are rolled out four ways, side by side in this one process:
 
 - sync: the hf backend's barrier batcher. A generation batch runs when every live trajectory waits
   for one and answers when all of it is done; tools run after that (VerlTool's `rollout.mode=sync`).
 - async: tirl's default. Each trajectory advances on its own; a turn joins the running decode
-  batch as soon as its tool is back and is answered as soon as it ends.
+  batch as soon as its tool is back and is answered as soon as it ends, and continues from the KV
+  cache its previous turn left (only the last token and the tool output are prefilled).
+- async, no kept cache: the same scheduling, but every turn prefills the whole conversation again,
+  as the sync batcher does (separates the effect of scheduling from that of the kept cache).
 - pure generation: async with a tool that answers at once: the limit where tool latency is fully
   hidden.
 
 Every trajectory calls the tool after each of its first `k` turns (whatever it wrote: the env below
-answers every turn but the last with a tool message after `--latency` seconds), then answers.
-Printed per k: the three times, sync/async, and how much of the tool time async leaves visible.
+answers every turn but the last with a tool message after `--latency` seconds), then answers. A turn
+ends at the end of a sentence or line (the env's stop strings, as `</tool_call>` ends a real tool
+call), so turns are short and of varying length, like tool calls; a turn that runs out of its token
+budget instead ends its trajectory early (the printed tool-call counts show how many did).
+Each setting runs `--repeats` times with other seeds (the same seeds in every mode); printed per k:
+the mean times, sync/async, and how much of the tool time async leaves visible.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ class LatencyEnv(Env):
     """Answers each of the first `tool_turns` assistant turns with a tool message after `latency` s."""
 
     tool_schemas: list[dict] = []
+    stop_strings = (".", "\n")
 
     def __init__(self, question: str, tool_turns: int, latency: float):
         self.question, self.tool_turns, self.latency, self.turn = question, tool_turns, latency, 0
@@ -75,9 +83,10 @@ def main() -> None:
     ap.add_argument("--tool-turns", type=int, nargs="+", default=[1, 3])
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--samples", type=int, default=8)
-    ap.add_argument("--tokens-per-turn", type=int, default=48)
+    ap.add_argument("--tokens-per-turn", type=int, default=64)
     ap.add_argument("--verbose", action="store_true", help="also print prefill/decode time per run")
-    ap.add_argument("--repeats", type=int, default=1, help="runs per setting (the fastest is reported)")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="runs per setting, each with other seeds (mean time and tokens per run are reported)")
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     path = loading.materialize(loading.resolve(DEFAULT_MODEL))
@@ -91,31 +100,35 @@ def main() -> None:
     print(f"{DEFAULT_MODEL} ({str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads), "
           f"{n} trajectories, tool latency {args.latency * 1000:.0f} ms, <= {args.tokens_per_turn} tokens per turn")
     print(f"{'tool turns':>10} {'sync s':>8} {'async s':>8} {'sync/async':>10} {'pure gen s':>10} "
-          f"{'async - pure':>12} {'tool time':>9} {'tokens':>7}")
+          f"{'async - pure':>12} {'tool time':>9} {'tokens':>7} {'async, no kept cache s':>22}")
     for k in args.tool_turns:
         limits = TurnLimits(max_turns=k + 1, max_new_tokens_per_turn=args.tokens_per_turn,
                             max_new_tokens=args.tokens_per_turn * (k + 1), max_context=2048)
-        times, tokens = {}, {}
-        for mode, scheduling, latency in (("sync", "sync", args.latency), ("async", "async", args.latency),
-                                          ("pure", "async", 0.0)):
-            backend = HFBackend(model, tok, [fmt.eos_token_id], 2048, max_batch_size=128, scheduling=scheduling)
-            best = float("inf")
-            for _ in range(args.repeats):
+        times, tokens, calls = {}, {}, {}
+        for mode, scheduling, keep, latency in (("sync", "sync", False, args.latency),
+                                                ("fresh", "async", False, args.latency),
+                                                ("async", "async", True, args.latency), ("pure", "async", True, 0.0)):
+            backend = HFBackend(model, tok, [fmt.eos_token_id], 2048, max_batch_size=128, scheduling=scheduling,
+                                keep_kv=keep)
+            total, trajs = 0.0, []
+            for seed in range(args.repeats):
                 snap = backend.metrics_snapshot()
-                seconds, trajs = rollout(backend, fmt, questions, args.samples, k, latency, limits)
-                best = min(best, seconds)
+                seconds, run = rollout(backend, fmt, questions, args.samples, k, latency, limits, seed=seed)
+                total, trajs = total + seconds, trajs + run
                 if args.verbose:
                     m = backend.metrics_since(snap)
                     print(f"    {mode}: {seconds:.1f}s, prefill {m['time/prefill_s']:.1f}s "
                           f"({m['gen/prefill_tokens']:.0f} tokens, {m['gen/batches']:.0f} batches), decode "
                           f"{m['time/decode_s']:.1f}s ({m['gen/decode_steps']:.0f} steps)")
             backend.close()
-            times[mode], tokens[mode] = best, sum(t.num_sampled_tokens for t in trajs)
+            times[mode], tokens[mode] = total / args.repeats, sum(t.num_sampled_tokens for t in trajs) // args.repeats
+            calls[mode] = sum(len(t.turns) - 1 for t in trajs) // args.repeats
         hidden = 1 - (times["async"] - times["pure"]) / (k * args.latency) if args.latency else 1.0
         print(f"{k:>10} {times['sync']:>8.1f} {times['async']:>8.1f} {times['sync'] / times['async']:>9.2f}x "
               f"{times['pure']:>10.1f} {times['async'] - times['pure']:>11.1f}s {k * args.latency:>8.1f}s "
-              f"{tokens['async']:>7}")
+              f"{tokens['async']:>7} {times['fresh']:>21.1f} ({times['sync'] / times['fresh']:.2f}x)")
         print(f"{'':>10} tokens sampled: sync {tokens['sync']}, async {tokens['async']}, pure {tokens['pure']}; "
+              f"tool calls: sync {calls['sync']}, async {calls['async']} (of {n * k}); "
               f"share of one trajectory's tool time hidden by async: {hidden:.0%}")
 
 

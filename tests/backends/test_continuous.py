@@ -113,3 +113,97 @@ def test_engine_errors_reach_every_waiter_and_the_batcher_recovers(tiny):
         batcher.close()
     with pytest.raises(RuntimeError, match="closed"):
         asyncio.run(batcher.submit(good))
+
+
+def _conversations(batcher, tok, turns=3, n=3):
+    """`n` greedy conversations of `turns` turns; each next prompt is the previous prompt, the turn's
+    tokens and an observation, submitted under the conversation's key with the turn index."""
+    obs = tuple(tok.encode("<|im_end|>\n<|im_start|>tool\n42<|im_end|>\n<|im_start|>assistant\n",
+                           add_special_tokens=False))
+
+    async def conversation(i):
+        prompt, outs = tuple(tok.encode(TEXTS[i], add_special_tokens=False)), []
+        for t in range(turns):
+            await asyncio.sleep(0.01 * i)
+            out = await batcher.submit(GenerationRequest(prompt, 12, sampling=SamplingParams(0.0), key=(i, t)))
+            outs.append((prompt, out))
+            prompt = prompt + out.token_ids + obs
+        return outs
+
+    async def main():
+        return await asyncio.gather(*(conversation(i) for i in range(n)))
+
+    return asyncio.run(main())
+
+
+def _stop_ids(model, tok) -> list[int]:
+    """Tokens the random tiny model writes a few tokens into its greedy answers: as stop tokens they end
+    turns early with finish reason eos (as a real model's end-of-turn token would)."""
+    batcher = ContinuousBatcher(HFEngine(model, tok, [], 1024), max_batch_size=8, kv_entries=0)
+    try:
+        first = [out for conv in _conversations(batcher, tok, turns=1) for _, out in conv]
+    finally:
+        batcher.close()
+    return sorted({out.token_ids[3] for out in first})
+
+
+def test_a_turn_continues_from_the_cache_its_previous_turn_left(tiny):
+    """Later turns prefill only the last token and the observation on the kept cache, and decode
+    exactly what prefilling the whole conversation gives (greedy tokens, log-probs of a full forward)."""
+    model, tok = tiny
+    stop_ids = _stop_ids(model, tok)
+    runs = {}
+    for kv_entries in (None, 0):
+        batcher = ContinuousBatcher(HFEngine(model, tok, stop_ids, 1024), max_batch_size=8, kv_entries=kv_entries)
+        try:
+            runs[kv_entries] = (_conversations(batcher, tok), batcher.engine.stats.prefill_tokens)
+        finally:
+            batcher.close()
+    (kept, kept_prefill), (plain, plain_prefill) = runs[None], runs[0]
+    ended = [out.finish_reason for conv in kept for _, out in conv]
+    assert ended.count("eos") >= 6, ended  # most turns end on a stop token, so the next one reuses the cache
+    for conv_kept, conv_plain in zip(kept, plain):
+        for (prompt, a), (_, b) in zip(conv_kept, conv_plain):
+            assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([list(prompt + a.token_ids)])).logits[0].float(), -1)
+            rows = logp[len(prompt) - 1:len(prompt) - 1 + len(a.token_ids)]
+            assert a.logprobs == pytest.approx([float(rows[k, t]) for k, t in enumerate(a.token_ids)], abs=1e-4)
+    # turn 0 prefills its prompt; every later turn only the previous turn's last token and the observation
+    obs = len(tok.encode("<|im_end|>\n<|im_start|>tool\n42<|im_end|>\n<|im_start|>assistant\n",
+                         add_special_tokens=False))
+    later = sum(1 for conv in kept for prompt, out in conv[:-1] if out.finish_reason == "eos")
+    assert kept_prefill <= sum(len(conv[0][0]) for conv in kept) + later * (1 + obs) + \
+        sum(len(prompt) for conv in kept for (prompt, _), (_, prev) in zip(conv[1:], conv) if prev.finish_reason != "eos")
+    assert kept_prefill < plain_prefill, (kept_prefill, plain_prefill)
+
+
+def test_kept_caches_are_used_only_for_the_exact_continuation_and_dropped_with_new_weights(tiny):
+    from tirl.backends.continuous import _KVStore
+
+    store = _KVStore(max_entries=2)
+    kv = [(torch.zeros(1, 3, 2), torch.zeros(1, 3, 2))]
+    store.put(("a",), (1, 2, 3), kv)
+    assert store.take(GenerationRequest((1, 2, 4, 5), 4, key=("a", 1))) is None  # diverges: not used
+    assert store.take(GenerationRequest((1, 2, 3, 5), 4, key=("a", 1))) is None  # taken once, then gone
+    store.put(("a",), (1, 2, 3), kv)
+    assert store.take(GenerationRequest((1, 2, 3), 4, key=("a", 1))) is None  # nothing new to prefill
+    store.put(("a",), (1, 2, 3), kv)
+    assert store.take(GenerationRequest((1, 2, 3, 5), 4, key=("b", 1))) is None  # another trajectory
+    assert store.take(GenerationRequest((1, 2, 3, 5), 4, key=("a", 1)))[0] == (1, 2, 3)
+    for name in "abc":  # least recently used first beyond max_entries
+        store.put((name,), (1,), kv)
+    assert len(store) == 2 and store.take(GenerationRequest((1, 2), 4, key=("a", 1))) is None
+
+    from tirl.backends.hf import HFBackend
+
+    model, tok = tiny
+    backend = HFBackend(model, tok, _stop_ids(model, tok), 1024)
+    try:
+        _conversations(backend.batcher, tok, turns=1)
+        assert len(backend.batcher.kept) > 0
+        backend.update_weights(model.state_dict())
+        assert len(backend.batcher.kept) == 0  # computed by the old weights
+    finally:
+        backend.close()
