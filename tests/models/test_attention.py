@@ -6,6 +6,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import tirl.models.attention  # noqa: F401 - registers tirl_gqa
+from tirl.models.loading import output_cache, with_cache
 
 
 def _pair():
@@ -41,6 +42,6 @@ def test_decode_with_cache_matches():
     for model in (eager, gqa):
         with torch.no_grad():
             out = model(x, use_cache=True)
-            step = model(torch.tensor([[5], [7]]), past_key_values=out.past_key_values, use_cache=True)
+            step = model(torch.tensor([[5], [7]]), use_cache=True, **with_cache(model, output_cache(out)))
         outs.append(step.logits)
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
