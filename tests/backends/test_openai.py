@@ -109,10 +109,17 @@ def test_preflight_allows_evaluation_with_the_openai_backend():
     check_backend(cfg)
 
 
-def test_tirl_eval_through_transformers_serve(transformers_server, smol_dir, tmp_path):
-    """`tirl eval` with backend.name=openai runs the held-out problems through the server end to end."""
+def test_tirl_eval_through_transformers_serve(transformers_server, smol_dir, tmp_path, monkeypatch):
+    """`tirl eval` with backend.name=openai runs the held-out problems through the server end to end,
+    without loading the weights here (the server holds them)."""
     from tirl.cli import main
+    from tirl.models import loading
     from tirl.rollout.io import read_jsonl
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the policy's weights were loaded although the server generates")
+
+    monkeypatch.setattr(loading, "load_causal_lm", no_weights)
 
     run_dir = tmp_path / "run"
     rc = main(["eval", "--model", str(smol_dir), "--task", "arithmetic", "backend.name=openai",

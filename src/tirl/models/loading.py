@@ -115,6 +115,21 @@ def load_causal_lm(path: str, dtype: Any, attn_implementation: str, device: str)
     return model.to(device)
 
 
+def model_info(path: str):
+    """What tirl reads off a model without its weights (its `config` and `generation_config`), for a
+    policy whose tokens a server generates."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig, GenerationConfig
+
+    quiet_transformers()
+    try:
+        generation = GenerationConfig.from_pretrained(path)
+    except OSError:
+        generation = None  # no generation_config.json: the chat format's end-of-turn token is the stop
+    return SimpleNamespace(config=AutoConfig.from_pretrained(path), generation_config=generation)
+
+
 def apply_lora(model, r: int, alpha: int, dropout: float, target_modules: str | list[str]):
     """Wrap `model` with trainable LoRA adapters (peft); the base weights are frozen."""
     from peft import LoraConfig, get_peft_model

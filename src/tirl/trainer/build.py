@@ -146,13 +146,19 @@ def build_reward(cfg: TaskConfig, task: Task) -> RewardFn:
         raise ConfigError(f"task.reward: {e}") from None
 
 
-def load_policy(cfg: ModelConfig, device: str, path: str | None = None, trainable: bool = True) -> Policy:
-    """Load the model from `path` (default: `cfg.name`) in float32, with LoRA if configured."""
+def load_policy(cfg: ModelConfig, device: str, path: str | None = None, trainable: bool = True,
+                weights: bool = True) -> Policy:
+    """Load the model from `path` (default: `cfg.name`) in float32, with LoRA if configured.
+    `weights=False` (evaluation through a server): tokenizer, chat format and configs only; `model` then
+    holds just `config` and `generation_config`."""
     path = path or loading.materialize(loading.resolve(cfg.name))
     tokenizer = loading.load_tokenizer(path)
     fmt = load_chat_format(tokenizer, cfg.chat_template)
     attn = cfg.attn_implementation if cfg.attn_implementation != "auto" else (
         "tirl_gqa" if device == "cpu" else "sdpa")
+    if not weights:
+        return Policy(loading.model_info(path), tokenizer, fmt, path, device, loading.resolve_dtype(cfg.dtype, device),
+                      attn)
     model = loading.load_causal_lm(path, torch.float32, attn, device)
     if trainable and cfg.lora.enabled:
         model = loading.apply_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)

@@ -115,7 +115,8 @@ def _evaluate(cfg: Config, name: str, path: str, task, tools, reward_fn, run_dir
         variants.append((f"{name}_no_tools", False))
     pending = [(n, w) for n, w in variants if not (run_dir / "eval" / f"{n}.summary.json").exists()]
     out: dict[str, dict[str, Any]] = {}
-    policy = load_policy(cfg.model, device, path, trainable=False) if pending else None
+    served = cfg.backend.name == "openai"  # the server holds the weights: tokenizer and configs suffice
+    policy = load_policy(cfg.model, device, path, trainable=False, weights=not served) if pending else None
     backend = make_backend(policy, cfg) if policy else None
     for n, with_tools in variants:
         console.print(f"[cyan]eval[/] {n} ({'with' if with_tools else 'without'} tools)")
