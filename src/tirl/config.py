@@ -77,10 +77,22 @@ class FissionConfig(_Section):
             "Tool result statuses that count as a tool execution error (validation_error: invalid arguments; "
             "invalid_call: unparseable call)."))
     buffer_size: int | None = Field(None, ge=1, description="LIFO buffer of failed prefixes (default: max_groups).")
-    judge: Literal["none", "policy"] = Field("none", description=(
-        "Feedback after the failed call: none (the tool's error message) or policy (the policy also writes a "
-        "short diagnosis of the call, appended to the error; one that contains the answer is discarded)."))
+    judge: Literal["none", "policy", "server"] = Field("none", description=(
+        "Feedback after the failed call: none (the tool's error message); policy (the policy also writes a "
+        "short diagnosis of the call, appended to the error); server (a judge model on an OpenAI-compatible "
+        "server writes it: judge_base_url, judge_model). A diagnosis that contains the answer is discarded."))
     judge_max_tokens: int = Field(64, ge=1, description="Tokens of a judge's diagnosis at most.")
+    judge_base_url: str | None = Field(None, description="judge=server: the server's /v1 URL.")
+    judge_model: str | None = Field(None, description="judge=server: the model name (default: the one it serves).")
+    judge_api_key_env: str = Field("OPENAI_API_KEY", description="judge=server: environment variable with the key.")
+
+    @model_validator(mode="after")
+    def _judge_server(self) -> FissionConfig:
+        if self.judge == "server" and not self.judge_base_url:
+            raise ValueError("judge=server needs judge_base_url (the judge server's /v1 URL)")
+        if self.judge != "server" and (self.judge_base_url or self.judge_model):
+            raise ValueError(f"judge_base_url/judge_model are set but judge={self.judge}; set judge=server")
+        return self
 
 
 class EntropyBranchConfig(_Section):

@@ -131,3 +131,52 @@ def test_tirl_eval_through_transformers_serve(transformers_server, smol_dir, tmp
     trajs = list(read_jsonl(run_dir / "eval" / "eval.jsonl"))
     assert len(trajs) == 2 and all(t.meta.error is None for t in trajs), [t.meta.error for t in trajs]
     assert all(t.turns and sum(t.loss_mask) > 0 for t in trajs)
+
+
+def test_fission_judge_on_a_server_diagnoses_the_failed_call(transformers_server, smol_format):
+    """rollout.fission.judge=server: the judge model behind `transformers serve` writes the diagnosis
+    that follows the tool's real error in the recovery rollouts' prompt."""
+
+    from tirl.backends.scripted import ScriptedBackend
+    from tirl.envs.tool_env import ToolEnv
+    from tirl.rewards.base import RewardResult
+    from tirl.rollout.agent import TurnLimits
+    from tirl.rollout.fission import Fission
+    from tirl.rollout.groups import RolloutContext, RolloutSpec, run_strategy
+    from tirl.tasks.base import Problem
+    from tirl.tools import ToolSet, calculator
+
+    failing = '<tool_call>{"name": "calculator", "arguments": {"expression": "1/0"}}</tool_call>'
+
+    def script(request, turn):  # the policy: sample 0 divides by zero, then answers wrong; the others answer
+        if request.key[0] == "fission" or request.key[1] != 0:
+            return "<answer>5555</answer><|im_end|>"
+        return failing if turn == 0 else "<answer>1</answer><|im_end|>"
+
+    def reward(traj, problem, group):
+        correct = traj.final_answer == "<answer>5555</answer>"
+        return RewardResult(float(correct), {}, correct)
+
+    ctx = RolloutContext(lambda p: ToolEnv(p, "Solve it.", ToolSet([calculator])),
+                         ScriptedBackend(smol_format.tokenizer, script), smol_format,
+                         RolloutSpec(group_size=2, limits=TurnLimits(max_turns=3)), reward)
+    strategy = Fission(judge="server", judge_base_url=transformers_server.base_url, judge_max_tokens=24)
+    out = asyncio.run(run_strategy(strategy, [Problem("p", "What is 1234+4321?", "5555")], ctx))
+    [recovery] = [g for g in out.groups if any(t.meta.origin for t in g.trajectories)]
+    prompt = smol_format.decode(recovery.trajectories[0].prompt_ids)
+    error = "Error: ValueError: division by zero\nDiagnosis: "
+    assert error in prompt, prompt[-400:]
+    diagnosis = prompt.split(error)[1].split("<|im_end|>")[0]
+    assert diagnosis.strip() and out.metrics["fission/judge_leaks"] == 0
+    assert not any(r.key[0] == "fission-judge" for r in ctx.backend.requests)  # the policy was not asked
+    assert strategy._judge_backend.stats.requests == 1
+
+
+def test_fission_judge_settings_are_checked():
+    from tirl.config import load_config
+
+    with pytest.raises(ConfigError, match="judge=server needs judge_base_url"):
+        load_config(None, ["rollout.strategy=fission", "rollout.fission.judge=server"])
+    with pytest.raises(ConfigError, match="judge_base_url/judge_model are set but judge=policy"):
+        load_config(None, ["rollout.strategy=fission", "rollout.fission.judge=policy",
+                           "rollout.fission.judge_base_url=http://127.0.0.1:1/v1"])

@@ -19,8 +19,10 @@ Where this departs from the paper, on purpose:
   the flat groups and then on the recovery groups (two optimizer steps).
 - Feedback is the tool's own error message. With `judge="policy"` the policy itself (same backend,
   same sampling) also writes a short diagnosis of the failed call from a diagnostic prompt, appended
-  to the error message; the paper uses a fine-tuned Error Simulator. A diagnosis that contains the
-  gold answer is thrown away (the plain error is used) and counted in `fission/judge_leaks`.
+  to the error message; with `judge="server"` a judge model on an OpenAI-compatible server writes it
+  (chat completions, same prompt); the paper uses a fine-tuned Error Simulator (serve one and point
+  `judge_base_url` at it). A diagnosis that contains the gold answer is thrown away (the plain error
+  is used) and counted in `fission/judge_leaks`.
 - The reward is the task's own (no format/correctness weight schedule).
 - One context per trajectory: its first configured error, if the episode went on after it (the tool's
   observations were inserted); an error in the last turn leaves no turn to recover in. Recovery
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import importlib.util
 import itertools
 import json
 import re
@@ -56,8 +59,9 @@ DEFAULT_STATUSES = ("execution_error", "timeout", "validation_error")
 """Tool statuses that count as an execution error unless configured otherwise."""
 ERROR_STATUSES = ("invalid_call", "unknown_tool", "validation_error", "execution_error", "timeout")
 """Statuses that may be configured: errors after which the episode goes on (`budget_exceeded` ends it)."""
-JUDGES = ("none", "policy")
-"""Who writes a diagnosis of the failed call: nobody (the tool's error only) or the policy itself."""
+JUDGES = ("none", "policy", "server")
+"""Who writes a diagnosis of the failed call: nobody (the tool's error only), the policy itself, or a
+judge model on an OpenAI-compatible server."""
 
 JUDGE_SYSTEM = ("You review a failed tool call. Given a task, the assistant's message with the failed call and "
                 "the error it got, say in one or two sentences what was wrong with the call and how to fix it. "
@@ -88,9 +92,11 @@ class Fission:
 
     def __init__(self, group_size: int | None = None, max_groups: int | None = None,
                  statuses: Iterable[str] = DEFAULT_STATUSES, buffer_size: int | None = None,
-                 judge: str = "none", judge_max_tokens: int = 64):
+                 judge: str = "none", judge_max_tokens: int = 64, judge_base_url: str | None = None,
+                 judge_model: str | None = None, judge_api_key_env: str = "OPENAI_API_KEY"):
         """`group_size` defaults to `rollout.group_size`, `max_groups` to the step's number of problems,
-        `buffer_size` to `max_groups` (all resolved when a step runs)."""
+        `buffer_size` to `max_groups` (all resolved when a step runs). `judge="server"` asks the model
+        `judge_model` at `judge_base_url` (chat completions) for the diagnosis."""
         statuses = tuple(statuses)
         bad = [s for s in statuses if s not in ERROR_STATUSES]
         if bad:
@@ -105,7 +111,13 @@ class Fission:
                 raise ValueError(f"{name}={value}: must be at least {least}")
         self.group_size, self.max_groups, self.buffer_size = group_size, max_groups, buffer_size
         self.statuses = frozenset(ToolStatus(s) for s in statuses)
+        if judge == "server" and not judge_base_url:
+            raise ValueError("judge=server needs judge_base_url (the judge server's /v1 URL)")
+        if judge == "server" and importlib.util.find_spec("openai") is None:
+            raise ValueError("judge=server needs the openai package: pip install 'tirl[openai]'")
         self.judge, self.judge_max_tokens = judge, judge_max_tokens
+        self.judge_server = (judge_base_url, judge_model, judge_api_key_env)
+        self._judge_backend = None
         self.buffer: list[dict[str, Any]] = []
         """Serialised `ErrorContext`s, oldest first (the top of the stack is the end)."""
 
@@ -169,10 +181,25 @@ class Fission:
         and whether a diagnosis was thrown away for containing the answer."""
         if self.judge == "none":
             return None, False
-        diagnosis = await policy_diagnosis(c, self.statuses, ctx, self.judge_max_tokens, key=("fission-judge", ci))
+        diagnosis = await policy_diagnosis(c, self.statuses, ctx, self.judge_max_tokens, key=("fission-judge", ci),
+                                           backend=self._judge(ctx) if self.judge == "server" else None)
         if not diagnosis or leaks_answer(diagnosis, c.problem.answer):
             return None, bool(diagnosis)
         return with_diagnosis(c, self.statuses, diagnosis), False
+
+
+    def _judge(self, ctx: RolloutContext):
+        """The judge server's backend (chat completions), made on first use."""
+        if self._judge_backend is None:
+            import os
+
+            from tirl.backends.openai import OpenAIBackend
+
+            base_url, model, key_env = self.judge_server
+            eos = ctx.fmt.eos_token_id
+            self._judge_backend = OpenAIBackend(base_url, ctx.fmt.tokenizer, [eos], eos, model=model, endpoint="chat",
+                                                api_key=os.environ.get(key_env))
+        return self._judge_backend
 
 
 def first_error_turn(traj: Trajectory, statuses: frozenset[ToolStatus]) -> int | None:
@@ -211,18 +238,20 @@ def recovery_metrics(trajs: Sequence[Trajectory]) -> dict[str, float]:
 
 
 async def policy_diagnosis(c: ErrorContext, statuses: frozenset[ToolStatus], ctx: RolloutContext,
-                           max_tokens: int, key: tuple) -> str:
-    """A short diagnosis of the failed call, written by the policy through `ctx.backend`."""
+                           max_tokens: int, key: tuple, backend=None) -> str:
+    """A short diagnosis of the failed call, written by the policy through `ctx.backend` (or by the
+    judge model behind `backend`)."""
     turn = c.trajectory.turns[c.turn]
     errors = "\n".join(r.content for r in turn.tool_results if r.status in statuses)
     messages = [Message("system", JUDGE_SYSTEM),
                 Message("user", f"Task:\n{c.problem.question}\n\nAssistant message:\n{turn.text}\n\nError:\n{errors}")]
     request = GenerationRequest(prompt_ids=tuple(ctx.fmt.prompt_ids(messages, None)), max_new_tokens=max_tokens,
                                 sampling=ctx.spec.sampling, seed=ctx.seed_for(key), key=key, messages=tuple(messages))
-    async with ctx.backend.participant():
+    backend = backend or ctx.backend
+    async with backend.participant():
         ctx.progress.mark(key, "writing a fission diagnosis")
         try:
-            completion = await ctx.backend.generate(request)
+            completion = await backend.generate(request)
         finally:
             ctx.progress.done(key)
     ids = completion.token_ids
