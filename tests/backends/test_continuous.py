@@ -115,19 +115,22 @@ def test_engine_errors_reach_every_waiter_and_the_batcher_recovers(tiny):
         asyncio.run(batcher.submit(good))
 
 
-def _conversations(batcher, tok, turns=3, n=3):
+def _conversations(batcher, tok, turns=3, n=3, keyless=()):
     """`n` greedy conversations of `turns` turns; each next prompt is the previous prompt, the turn's
-    tokens and an observation, submitted under the conversation's key with the turn index."""
+    tokens and an observation, submitted under the conversation's key with the turn index (no key for
+    the conversations in `keyless`: their turns never continue a kept cache)."""
     obs = tuple(tok.encode("<|im_end|>\n<|im_start|>tool\n42<|im_end|>\n<|im_start|>assistant\n",
                            add_special_tokens=False))
 
     async def conversation(i):
         prompt, outs = tuple(tok.encode(TEXTS[i], add_special_tokens=False)), []
-        for t in range(turns):
-            await asyncio.sleep(0.01 * i)
-            out = await batcher.submit(GenerationRequest(prompt, 12, sampling=SamplingParams(0.0), key=(i, t)))
-            outs.append((prompt, out))
-            prompt = prompt + out.token_ids + obs
+        async with batcher.participant():
+            for t in range(turns):
+                await asyncio.sleep(0.01 * i)
+                key = () if i in keyless else (i, t)
+                out = await batcher.submit(GenerationRequest(prompt, 12, sampling=SamplingParams(0.0), key=key))
+                outs.append((prompt, out))
+                prompt = prompt + out.token_ids + obs
         return outs
 
     async def main():
@@ -139,7 +142,7 @@ def _conversations(batcher, tok, turns=3, n=3):
 def _stop_ids(model, tok) -> list[int]:
     """Tokens the random tiny model writes a few tokens into its greedy answers: as stop tokens they end
     turns early with finish reason eos (as a real model's end-of-turn token would)."""
-    batcher = ContinuousBatcher(HFEngine(model, tok, [], 1024), max_batch_size=8, kv_entries=0)
+    batcher = ContinuousBatcher(HFEngine(model, tok, [], 1024), max_batch_size=8)
     try:
         first = [out for conv in _conversations(batcher, tok, turns=1) for _, out in conv]
     finally:
@@ -147,19 +150,27 @@ def _stop_ids(model, tok) -> list[int]:
     return sorted({out.token_ids[3] for out in first})
 
 
-def test_a_turn_continues_from_the_cache_its_previous_turn_left(tiny):
+@pytest.mark.parametrize("scheduling", ["async", "sync"])
+def test_a_turn_continues_from_the_cache_its_previous_turn_left(tiny, scheduling):
     """Later turns prefill only the last token and the observation on the kept cache, and decode
-    exactly what prefilling the whole conversation gives (greedy tokens, log-probs of a full forward)."""
+    exactly what prefilling the whole conversation gives (greedy tokens, log-probs of a full forward),
+    with either batcher."""
+    from tirl.backends.batching import BarrierBatcher
+
     model, tok = tiny
     stop_ids = _stop_ids(model, tok)
     runs = {}
-    for kv_entries in (None, 0):
-        batcher = ContinuousBatcher(HFEngine(model, tok, stop_ids, 1024), max_batch_size=8, kv_entries=kv_entries)
+    for kv_entries in (8, 0):
+        engine = HFEngine(model, tok, stop_ids, 1024, kv_entries=kv_entries)
+        batcher = (ContinuousBatcher(engine, max_batch_size=8) if scheduling == "async"
+                   else BarrierBatcher(engine.generate_batch, max_batch_size=8))
         try:
-            runs[kv_entries] = (_conversations(batcher, tok), batcher.engine.stats.prefill_tokens)
+            # conversation 0 has no key: its later turns are prefilled whole, in the same batches as the
+            # others' continued turns (fresh and continued rows merged into one batch)
+            runs[kv_entries] = (_conversations(batcher, tok, keyless=(0,)), engine.stats.prefill_tokens)
         finally:
             batcher.close()
-    (kept, kept_prefill), (plain, plain_prefill) = runs[None], runs[0]
+    (kept, kept_prefill), (plain, plain_prefill) = runs[8], runs[0]
     ended = [out.finish_reason for conv in kept for _, out in conv]
     assert ended.count("eos") >= 6, ended  # most turns end on a stop token, so the next one reuses the cache
     for conv_kept, conv_plain in zip(kept, plain):
@@ -173,16 +184,18 @@ def test_a_turn_continues_from_the_cache_its_previous_turn_left(tiny):
     # turn 0 prefills its prompt; every later turn only the previous turn's last token and the observation
     obs = len(tok.encode("<|im_end|>\n<|im_start|>tool\n42<|im_end|>\n<|im_start|>assistant\n",
                          add_special_tokens=False))
-    later = sum(1 for conv in kept for prompt, out in conv[:-1] if out.finish_reason == "eos")
-    assert kept_prefill <= sum(len(conv[0][0]) for conv in kept) + later * (1 + obs) + \
-        sum(len(prompt) for conv in kept for (prompt, _), (_, prev) in zip(conv[1:], conv) if prev.finish_reason != "eos")
+    continued = [[prev.finish_reason == "eos" and c > 0 for _, prev in conv[:-1]] for c, conv in enumerate(kept)]
+    later = sum(sum(flags) for flags in continued)
+    whole = sum(len(prompt) for conv, flags in zip(kept, continued)
+                for (prompt, _), cont in zip(conv[1:], flags) if not cont)
+    assert later >= 3 and kept_prefill <= sum(len(conv[0][0]) for conv in kept) + later * (1 + obs) + whole
     assert kept_prefill < plain_prefill, (kept_prefill, plain_prefill)
 
 
 def test_kept_caches_are_used_only_for_the_exact_continuation_and_dropped_with_new_weights(tiny):
-    from tirl.backends.continuous import _KVStore
+    from tirl.backends.hf_engine import KVStore
 
-    store = _KVStore(max_entries=2)
+    store = KVStore(max_entries=2)
     kv = [(torch.zeros(1, 3, 2), torch.zeros(1, 3, 2))]
     store.put(("a",), (1, 2, 3), kv)
     assert store.take(GenerationRequest((1, 2, 4, 5), 4, key=("a", 1))) is None  # diverges: not used
@@ -202,8 +215,8 @@ def test_kept_caches_are_used_only_for_the_exact_continuation_and_dropped_with_n
     backend = HFBackend(model, tok, _stop_ids(model, tok), 1024)
     try:
         _conversations(backend.batcher, tok, turns=1)
-        assert len(backend.batcher.kept) > 0
+        assert len(backend.engine.kept) > 0
         backend.update_weights(model.state_dict())
-        assert len(backend.batcher.kept) == 0  # computed by the old weights
+        assert len(backend.engine.kept) == 0  # computed by the old weights
     finally:
         backend.close()

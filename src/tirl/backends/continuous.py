@@ -12,12 +12,8 @@ and positions (`_SlotLayer`), so joining and leaving copy only the rows concerne
 (each row's own seeded generator), so a sample does not depend on which rows shared its batch,
 up to floating-point differences of the batch shapes.
 
-A turn's KV cache outlives the turn (`_KVStore`): when a row ends, its cache (prompt and sampled
-tokens, all but the last, which was never run through the model) is kept under the trajectory's key
-(the request key without its turn index). When the trajectory's next turn arrives and its prompt
-starts with exactly those tokens, only the rest (the last sampled token and the observation) is
-prefilled on top of the kept cache, instead of the whole conversation again. Kept caches are dropped
-when the weights change, when used, and least recently used first beyond `kv_entries`.
+A turn's KV cache outlives the turn (the engine's `KVStore`, see `hf_engine`): the trajectory's next
+turn prefills only its last sampled token and the observation on top of it.
 """
 
 from __future__ import annotations
@@ -25,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -36,7 +31,7 @@ from transformers.cache_utils import DynamicLayer
 
 from tirl.backends.base import Completion, GenerationRequest
 from tirl.models.loading import with_cache
-from tirl.backends.hf_engine import HFEngine, _GrowingLayer, _Row, new_cache
+from tirl.backends.hf_engine import HFEngine, _GrowingLayer, _pad_left, _Row, new_cache
 
 
 class _SlotLayer(DynamicLayer):
@@ -124,43 +119,6 @@ def _slot_cache(model) -> DynamicCache:
     return cache
 
 
-class _KVStore:
-    """Caches of ended turns, by trajectory (request key without the turn index); LRU, bounded."""
-
-    def __init__(self, max_entries: int):
-        self.max_entries = max_entries
-        self._entries: OrderedDict[tuple, tuple[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]]] = \
-            OrderedDict()
-        self._lock = threading.Lock()
-
-    def put(self, key: tuple, tokens: tuple[int, ...], kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Keep `kv` (per layer, keys and values (H, len(tokens), D)) for the trajectory `key`."""
-        with self._lock:
-            self._entries[key] = (tokens, kv)
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
-
-    def take(self, request: GenerationRequest):
-        """The kept (tokens, kv) of `request`'s trajectory if its prompt extends those tokens (removed
-        either way), else None."""
-        if not request.key:
-            return None
-        with self._lock:
-            entry = self._entries.pop(request.key[:-1], None)
-        if entry is None:
-            return None
-        tokens, prompt = entry[0], request.prompt_ids
-        return entry if len(tokens) < len(prompt) and tuple(prompt[:len(tokens)]) == tokens else None
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-
 @dataclass
 class _Batch:
     """The running decode batch: rows aligned with the batch dimension of every tensor."""
@@ -182,10 +140,7 @@ class _Batch:
 class ContinuousBatcher:
     """Runs `engine` continuously in a worker thread (see module docstring)."""
 
-    def __init__(self, engine: HFEngine, max_batch_size: int, compact_fraction: float = 0.25,
-                 kv_entries: int | None = None):
-        """`kv_entries`: ended turns whose cache is kept for the trajectory's next turn (default
-        `max_batch_size`; 0: none, every turn prefills its whole prompt)."""
+    def __init__(self, engine: HFEngine, max_batch_size: int, compact_fraction: float = 0.25):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         for layer in new_cache(engine.model).layers:
@@ -195,7 +150,6 @@ class ContinuousBatcher:
         self.engine = engine
         self.max_batch_size = max_batch_size
         self.compact_fraction = compact_fraction
-        self.kept = _KVStore(max_batch_size if kv_entries is None else kv_entries)
         self._queue: list[tuple[GenerationRequest, asyncio.AbstractEventLoop, asyncio.Future]] = []
         self._cond = threading.Condition()
         self._closed = False
@@ -217,12 +171,8 @@ class ContinuousBatcher:
             self._cond.notify()
         return await fut
 
-    def forget(self) -> None:
-        """Drop the kept caches (the weights changed: they no longer match the model)."""
-        self.kept.clear()
-
     def close(self) -> None:
-        self.kept.clear()
+        self.engine.kept.clear()
         with self._cond:
             self._closed = True
             self._cond.notify()
@@ -261,7 +211,7 @@ class ContinuousBatcher:
                 row.finish = "length"
                 _deliver(loop, fut, row.completion())
                 continue
-            kept = self.kept.take(request) if self.kept.max_entries else None
+            kept = eng.kept.take(request)
             (resumed if kept else fresh).append((row, (loop, fut), kept))
         parts = []
         t0 = time.perf_counter()
@@ -270,7 +220,8 @@ class ContinuousBatcher:
             logits, attn, next_pos = eng._prefill([r.request.prompt_ids for r, _, _ in fresh], cache)
             parts.append(_Batch([r for r, _, _ in fresh], [w for _, w, _ in fresh], cache, attn, next_pos, logits))
         if resumed:
-            parts.append(self._resume(resumed))
+            cache, attn, next_pos, logits = eng.resume([(r, k) for r, _, k in resumed])
+            parts.append(_Batch([r for r, _, _ in resumed], [w for _, w, _ in resumed], cache, attn, next_pos, logits))
         eng.stats.prefill_s += time.perf_counter() - t0
         eng.stats.batches += len(parts)
         for part in parts:
@@ -280,51 +231,6 @@ class ContinuousBatcher:
             batch = _merge(batch, part)
         return batch
 
-    def _resume(self, resumed) -> _Batch:
-        """Rows whose trajectory's previous turn left its cache: prefill only what follows it. Kept
-        caches are right-aligned at width `wc`, the new tokens right-aligned after it (padding between
-        a short row's cache and its new tokens is masked, positions are each row's own)."""
-        eng = self.engine
-        kept = [k for _, _, k in resumed]
-        lens = [len(tokens) for tokens, _ in kept]
-        news = [r.request.prompt_ids[n:] for (r, _, _), n in zip(resumed, lens)]
-        wc, ws, b = max(lens), max(len(x) for x in news), len(resumed)
-        cache = new_cache(eng.model)
-        for li, layer in enumerate(cache.layers):
-            k0 = kept[0][1][li][0]
-            keys = k0.new_zeros(b, k0.shape[0], wc, k0.shape[2])
-            values = torch.zeros_like(keys)
-            for r, (_, kv) in enumerate(kept):
-                keys[r, :, wc - lens[r]:], values[r, :, wc - lens[r]:] = kv[li]
-            layer.update(keys, values)
-        ids = torch.zeros((b, ws), dtype=torch.long)
-        pos = torch.zeros((b, ws), dtype=torch.long)
-        attn = torch.zeros((b, wc + ws), dtype=torch.long)
-        for r, (n, new) in enumerate(zip(lens, news)):
-            ids[r, ws - len(new):] = torch.tensor(new)
-            pos[r, ws - len(new):] = torch.arange(n, n + len(new))
-            attn[r, wc - n:wc] = 1
-            attn[r, wc + ws - len(new):] = 1
-        eng.stats.prefill_tokens += sum(len(x) for x in news)
-        dev = eng.device
-        out = eng.model(input_ids=ids.to(dev), attention_mask=attn.to(dev), position_ids=pos.to(dev), use_cache=True,
-                        logits_to_keep=1, **with_cache(eng.model, cache))
-        next_pos = torch.tensor([len(r.request.prompt_ids) for r, _, _ in resumed], device=dev)
-        return _Batch([r for r, _, _ in resumed], [w for _, w, _ in resumed], cache, attn.to(dev), next_pos,
-                      out.logits[:, -1].float())
-
-    def _keep(self, batch: _Batch, k: int) -> None:
-        """Keep the cache of row `k`, whose turn just ended, for its trajectory's next turn."""
-        row = batch.rows[k]
-        if not self.kept.max_entries or not row.request.key or row.finish == "length":
-            return  # a turn cut by its budget ends its trajectory: no next turn to keep it for
-        tokens = tuple(row.request.prompt_ids) + tuple(row.tokens[:-1])
-        cols = batch.attn[k].nonzero().squeeze(1)
-        if len(cols) != len(tokens):
-            return  # the cache does not hold exactly this row's tokens: keep nothing rather than guess
-        self.kept.put(row.request.key[:-1], tokens,
-                      [(layer.keys[k][:, cols], layer.values[k][:, cols]) for layer in batch.cache.layers])
-
     def _step(self, batch: _Batch) -> _Batch | None:
         """Sample one token per row, answer the rows that finished, run one decode forward."""
         eng = self.engine
@@ -333,7 +239,7 @@ class ContinuousBatcher:
             tokens = eng._sample(batch.rows, batch.logits)
             for k, (row, tok) in enumerate(zip(batch.rows, tokens)):
                 if row.finish is None and eng._append(row, tok):
-                    self._keep(batch, k)
+                    eng.keep(row, batch.attn[k], batch.cache, k)
                     loop, fut = batch.waiters[k]
                     _deliver(loop, fut, row.completion())
                     batch.waiters[k] = None
@@ -390,10 +296,6 @@ def _compact(batch: _Batch, tokens: list[int]) -> list[int]:
             layer.trim_left(first)
         batch.attn = batch.attn[:, first:]
     return [tokens[k] for k in order]
-
-
-def _pad_left(attn: torch.Tensor, n: int) -> torch.Tensor:
-    return torch.cat([attn.new_zeros(attn.shape[0], n - attn.shape[1]), attn], dim=1)
 
 
 def _deliver(loop: asyncio.AbstractEventLoop, fut: asyncio.Future, result: Completion | None = None,

@@ -26,13 +26,14 @@ class HFBackend:
                  scheduling: str = "async", keep_kv: bool = True):
         """`scheduling`: async (continuous batching: a turn joins the running batch when it is ready and
         is answered when it ends) or sync (barrier: a batch runs when every live trajectory waits, and
-        answers when all of it is done). `keep_kv` (async): a trajectory's next turn continues from the
-        cache its previous turn left instead of prefilling the whole conversation again."""
+        answers when all of it is done). `keep_kv`: a trajectory's next turn continues from the cache its
+        previous turn left instead of prefilling the whole conversation again (either scheduling)."""
         model.eval()
         self.model = model
-        self.engine = HFEngine(model, tokenizer, stop_token_ids, max_context)
+        self.engine = HFEngine(model, tokenizer, stop_token_ids, max_context,
+                               kv_entries=max_batch_size if keep_kv else 0)
         if scheduling == "async":
-            self.batcher = ContinuousBatcher(self.engine, max_batch_size, kv_entries=None if keep_kv else 0)
+            self.batcher = ContinuousBatcher(self.engine, max_batch_size)
         elif scheduling == "sync":
             self.batcher = BarrierBatcher(self.engine.generate_batch, max_batch_size)
         else:
@@ -48,9 +49,7 @@ class HFBackend:
     @torch.no_grad()
     def update_weights(self, state_dict: dict[str, Any]) -> None:
         """Copy new weights in (cast to this model's dtype); every parameter must be present."""
-        forget = getattr(self.batcher, "forget", None)
-        if forget is not None:
-            forget()  # caches kept across turns were computed by the old weights
+        self.engine.kept.clear()  # caches kept across turns were computed by the old weights
         missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
         if unexpected or [k for k in missing if not _is_tied(self.model, k)]:
             raise ValueError(f"weight update does not match the generation model: missing {missing[:5]}, "

@@ -9,11 +9,20 @@ their log-probabilities. What makes it fast on a CPU:
 - Rows that finish are dropped from the batch (compaction), so late rows do not pay for early ones.
 - Sampling draws one uniform number per row from the row's own generator (inverse CDF), so a row's
   sample depends on its seed and logits only, not on the other rows.
+- A turn's KV cache outlives the turn (`KVStore`): when a row ends, its cache (prompt and sampled
+  tokens, all but the last, which was never run through the model) is kept under the trajectory's
+  key (the request key without its turn index). When the trajectory's next turn arrives and its
+  prompt starts with exactly those tokens, only the rest (the last sampled token and the
+  observation) is prefilled on top of the kept cache (`resume`), not the whole conversation again.
+  Kept caches are dropped when used, when the weights change (`HFBackend.update_weights`), and
+  least recently used first beyond `kv_entries`.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -98,6 +107,43 @@ def new_cache(model) -> DynamicCache:
     return cache
 
 
+class KVStore:
+    """Caches of ended turns, by trajectory (request key without the turn index); LRU, bounded."""
+
+    def __init__(self, max_entries: int):
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple, tuple[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]]] = \
+            OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, key: tuple, tokens: tuple[int, ...], kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Keep `kv` (per layer, keys and values (H, len(tokens), D)) for the trajectory `key`."""
+        with self._lock:
+            self._entries[key] = (tokens, kv)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+    def take(self, request: GenerationRequest):
+        """The kept (tokens, kv) of `request`'s trajectory if its prompt extends those tokens (removed
+        either way), else None."""
+        if not request.key or not self.max_entries:
+            return None
+        with self._lock:
+            entry = self._entries.pop(request.key[:-1], None)
+        if entry is None:
+            return None
+        tokens, prompt = entry[0], request.prompt_ids
+        return entry if len(tokens) < len(prompt) and tuple(prompt[:len(tokens)]) == tokens else None
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 @dataclass
 class EngineStats:
     """Cumulative counters of an engine (read them as differences around a phase)."""
@@ -154,7 +200,9 @@ class HFEngine:
     """Synchronous batched generation for one model (see module docstring)."""
 
     def __init__(self, model, tokenizer, stop_token_ids: Sequence[int], max_context: int,
-                 compact_fraction: float = 0.25):
+                 compact_fraction: float = 0.25, kv_entries: int = 0):
+        """`kv_entries`: ended turns whose cache is kept for the trajectory's next turn (0: none, every
+        turn prefills its whole prompt)."""
         self.model = model
         self.tokenizer = tokenizer
         self.stop_token_ids = frozenset(int(t) for t in stop_token_ids)
@@ -163,6 +211,9 @@ class HFEngine:
         self.device = next(model.parameters()).device
         self.tokens_generated = 0
         self.stats = EngineStats()
+        full = all(isinstance(layer, _GrowingLayer) for layer in new_cache(model).layers)
+        self.kept = KVStore(kv_entries if full else 0)
+        """Caches kept across turns (none for models with sliding-window layers: their cache is a window)."""
 
     @torch.no_grad()
     def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
@@ -182,10 +233,25 @@ class HFEngine:
         return _Row(request, gen, budget)
 
     def _run(self, rows: list[_Row], live: list[int]) -> None:
-        cache = new_cache(self.model)
-        prompts = [rows[i].request.prompt_ids for i in live]
+        kept = {i: self.kept.take(rows[i].request) for i in live}
+        fresh, resumed = [i for i in live if kept[i] is None], [i for i in live if kept[i] is not None]
+        live = fresh + resumed  # the batch's row order
         t0 = time.perf_counter()
-        logits, attn, next_pos = self._prefill(prompts, cache)
+        parts = []
+        if fresh:
+            cache = new_cache(self.model)
+            parts.append((cache, *self._prefill([rows[i].request.prompt_ids for i in fresh], cache)))
+        if resumed:
+            cache, attn, next_pos, logits = self.resume([(rows[i], kept[i]) for i in resumed])
+            parts.append((cache, logits, attn, next_pos))
+        cache, logits, attn, next_pos = parts[0]
+        if len(parts) == 2:
+            other, logits2, attn2, pos2 = parts[1]
+            for la, lb in zip(cache.layers, other.layers):
+                la.append_rows(lb)
+            n = max(attn.shape[1], attn2.shape[1])
+            attn = torch.cat([_pad_left(attn, n), _pad_left(attn2, n)])
+            logits, next_pos = torch.cat([logits, logits2]), torch.cat([next_pos, pos2])
         self.stats.prefill_s += time.perf_counter() - t0
         self.stats.batches += 1
         t0 = time.perf_counter()
@@ -199,8 +265,9 @@ class HFEngine:
         finished_since_compact = 0
         while True:
             tokens = self._sample([rows[i] for i in active], logits)
-            for i, tok in zip(active, tokens):
+            for k, (i, tok) in enumerate(zip(active, tokens)):
                 if rows[i].finish is None and self._append(rows[i], tok):
+                    self.keep(rows[i], attn[k], cache, k)
                     finished_since_compact += 1
             keep = [k for k, i in enumerate(active) if rows[i].finish is None]
             if not keep:
@@ -219,6 +286,49 @@ class HFEngine:
                              use_cache=True, **with_cache(self.model, cache))
             next_pos = next_pos + 1
             logits = out.logits[:, -1].float()
+
+    def resume(self, resumed: list[tuple[_Row, tuple]]):
+        """Prefill rows whose trajectory's previous turn left its cache (`KVStore.take`): only what
+        follows the kept tokens. Returns (cache, attention mask, next positions, last logits). Kept
+        caches are right-aligned at width `wc`, the new tokens right-aligned after it (padding between a
+        short row's cache and its new tokens is masked; positions are each row's own)."""
+        lens = [len(tokens) for _, (tokens, _) in resumed]
+        news = [row.request.prompt_ids[n:] for (row, _), n in zip(resumed, lens)]
+        wc, ws, b = max(lens), max(len(x) for x in news), len(resumed)
+        cache = new_cache(self.model)
+        for li, layer in enumerate(cache.layers):
+            k0 = resumed[0][1][1][li][0]
+            keys = k0.new_zeros(b, k0.shape[0], wc, k0.shape[2])
+            values = torch.zeros_like(keys)
+            for r, (_, (_, kv)) in enumerate(resumed):
+                keys[r, :, wc - lens[r]:], values[r, :, wc - lens[r]:] = kv[li]
+            layer.update(keys, values)
+        ids = torch.zeros((b, ws), dtype=torch.long)
+        pos = torch.zeros((b, ws), dtype=torch.long)
+        attn = torch.zeros((b, wc + ws), dtype=torch.long)
+        for r, (n, new) in enumerate(zip(lens, news)):
+            ids[r, ws - len(new):] = torch.tensor(new)
+            pos[r, ws - len(new):] = torch.arange(n, n + len(new))
+            attn[r, wc - n:wc] = 1
+            attn[r, wc + ws - len(new):] = 1
+        self.stats.prefill_tokens += sum(len(x) for x in news)
+        dev = self.device
+        out = self.model(input_ids=ids.to(dev), attention_mask=attn.to(dev), position_ids=pos.to(dev), use_cache=True,
+                         logits_to_keep=1, **with_cache(self.model, cache))
+        next_pos = torch.tensor([len(row.request.prompt_ids) for row, _ in resumed], device=dev)
+        return cache, attn.to(dev), next_pos, out.logits[:, -1].float()
+
+    def keep(self, row: _Row, attn_row: torch.Tensor, cache: DynamicCache, k: int) -> None:
+        """Keep the cache of batch row `k` (`row`, whose turn just ended; `attn_row` marks its cache
+        positions) for its trajectory's next turn."""
+        if not self.kept.max_entries or not row.request.key or row.finish == "length":
+            return  # a turn cut by its budget ends its trajectory: no next turn to keep it for
+        tokens = tuple(row.request.prompt_ids) + tuple(row.tokens[:-1])
+        cols = attn_row.nonzero().squeeze(1)
+        if len(cols) != len(tokens):
+            return  # the cache does not hold exactly this row's tokens: keep nothing rather than guess
+        self.kept.put(row.request.key[:-1], tokens,
+                      [(layer.keys[k][:, cols], layer.values[k][:, cols]) for layer in cache.layers])
 
     def _prefill(self, prompts: list[tuple[int, ...]], cache: DynamicCache):
         """Fill the cache for all prompts; returns last-position logits, 2D attention mask, next positions."""
@@ -305,6 +415,10 @@ def finish_reason(tokens: list[int], budget: int, stop_token_ids, stop_strings, 
     if len(tokens) >= budget:
         return "length"
     return None
+
+
+def _pad_left(attn: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.cat([attn.new_zeros(attn.shape[0], n - attn.shape[1]), attn], dim=1)
 
 
 def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
