@@ -186,6 +186,17 @@ async def run_trajectory(env: Env, backend: Generator, fmt: ChatFormat, sampling
     return finish(ep, fmt, check)
 
 
+async def play_turn(ep: Episode, backend: Generator, fmt: ChatFormat, sampling: SamplingParams,
+                    limits: TurnLimits, progress: Progress, want_entropies: bool = False) -> None:
+    """`advance` under `backend.participant()`, held for this turn only; an exception in the env or
+    the backend is recorded on `ep` (failed, see `record_error`) instead of propagating."""
+    try:
+        async with backend.participant():
+            await advance(ep, backend, fmt, sampling, limits, progress, want_entropies)
+    except Exception as e:  # noqa: BLE001 - recorded on the trajectory, counted by the caller
+        record_error(ep, e)
+
+
 async def advance(ep: Episode, backend: Generator, fmt: ChatFormat, sampling: SamplingParams,
                   limits: TurnLimits, progress: Progress, want_entropies: bool = False) -> None:
     """Play one turn of `ep`: check budgets, generate, let the env react, append the observations."""

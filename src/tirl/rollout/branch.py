@@ -63,7 +63,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tirl.errors import ConfigError, RolloutError
-from tirl.rollout.agent import Episode, advance, finish, fork, is_failed, record_error, start_episode
+from tirl.rollout.agent import Episode, finish, fork, is_failed, play_turn, record_error, start_episode
 from tirl.rollout.groups import STRATEGIES, RolloutContext, Stateless, StrategyOutput
 from tirl.rollout.tree import tree_edges
 from tirl.tasks.base import Problem
@@ -264,14 +264,10 @@ class BranchTree:
     async def _play_one(self, path: Path) -> None:
         ep, ctx = path.ep, self.ctx
         path.before, turns = copy_episode(ep), len(ep.turns)
-        try:
-            # held per turn, not per path: a path that waits for the rest of its round is not about to
-            # generate, so a barrier batcher must not hold other trajectories' requests back for it
-            async with ctx.backend.participant():
-                await advance(ep, ctx.backend, ctx.fmt, ctx.spec.sampling, ctx.spec.limits, ctx.progress,
-                              want_entropies=True)
-        except Exception as e:  # noqa: BLE001 - recorded on the path, counted by the caller
-            record_error(ep, e)
+        # participant per turn, not per path: a path that waits for the rest of its round is not about
+        # to generate, so a barrier batcher must not hold other trajectories' requests back for it
+        await play_turn(ep, ctx.backend, ctx.fmt, ctx.spec.sampling, ctx.spec.limits, ctx.progress,
+                        want_entropies=True)
         path.played = len(ep.turns) > turns
         if path.played:
             path.node_ids.append(f"{path.node_ids[-1]}.{path.child}")

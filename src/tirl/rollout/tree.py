@@ -47,7 +47,8 @@ import random
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
-from tirl.rollout.agent import Episode, TurnLimits, advance, finish, fork, record_error, start_episode
+from tirl.rollout.agent import (Episode, TurnLimits, advance, finish, fork, play_turn, record_error,
+                               start_episode)
 from tirl.rollout.groups import STRATEGIES, RolloutContext, Stateless, StrategyOutput
 from tirl.tasks.base import Problem
 from tirl.types import Trajectory, TrajectoryGroup, TrajectoryMeta, TreeEdge
@@ -234,13 +235,10 @@ class Tree(Stateless):
 
     async def _play(self, ctx: RolloutContext, ep: Episode, limits: TurnLimits) -> None:
         """One turn of `ep` (a failure is recorded on it)."""
-        async with ctx.backend.participant():
-            try:
-                await advance(ep, ctx.backend, ctx.fmt, ctx.spec.sampling, limits, ctx.progress)
-            except Exception as e:  # noqa: BLE001 - recorded on the trajectory, counted by the caller
-                record_error(ep, e)
-            finally:
-                ctx.progress.done(ep.key)
+        try:
+            await play_turn(ep, ctx.backend, ctx.fmt, ctx.spec.sampling, limits, ctx.progress)
+        finally:
+            ctx.progress.done(ep.key)
 
 
 async def _stopped_parent(kids: list[Episode], path: tuple[str, ...], turns: int, ctx: RolloutContext
