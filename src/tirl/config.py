@@ -55,7 +55,11 @@ class TaskConfig(_Section):
     name: str = Field("arithmetic", description="Task name (see `tirl envs`) or module:attr.")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Passed to the task's constructor.")
     tools: list[str] | None = Field(None, description="Tool names (default: the task's own).")
-    reward: str | None = Field(None, description="Reward name (default: the task's own).")
+    reward: str | None = Field(None, description="Reward name (see `tirl algos`) or module:attr (default: the "
+                                                 "task's own).")
+    reward_kwargs: dict[str, Any] = Field(default_factory=dict, description=(
+        "Parameters of the reward (checked against its signature). Rewards built from other rewards take "
+        "specs: a name, 'task' (the task's own reward), or {name, kwargs}."))
 
 
 class TreeConfig(_Section):

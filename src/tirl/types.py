@@ -207,6 +207,10 @@ class Trajectory:
     """Named parts of the reward (e.g. correct, format), for metrics."""
     correct: bool | None = None
     """Whether the final answer was right, where the task can tell (None otherwise)."""
+    turn_rewards: tuple[float, ...] = ()
+    """Per-turn rewards (turn-level credit: MatchTIR, IGPO, CM2), one per turn, each placed on the last
+    sampled token of its turn; they sum to `reward`. Empty: the reward is an outcome reward, placed on
+    the last sampled token of the trajectory."""
 
     @property
     def num_sampled_tokens(self) -> int:
@@ -218,9 +222,11 @@ class Trajectory:
         """Every tool result of every turn, in order."""
         return tuple(r for t in self.turns for r in t.tool_results)
 
-    def with_reward(self, reward: float, components: dict[str, float], correct: bool | None) -> Trajectory:
+    def with_reward(self, reward: float, components: dict[str, float], correct: bool | None,
+                    turn_rewards: tuple[float, ...] = ()) -> Trajectory:
         """A copy carrying its reward."""
-        return dataclasses.replace(self, reward=reward, reward_components=dict(components), correct=correct)
+        return dataclasses.replace(self, reward=reward, reward_components=dict(components), correct=correct,
+                                   turn_rewards=tuple(turn_rewards))
 
 
 @dataclass(frozen=True)

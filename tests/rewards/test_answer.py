@@ -1,5 +1,6 @@
 """Answer extraction, number parsing and the `arithmetic` reward."""
 
+import asyncio
 from fractions import Fraction
 
 import pytest
@@ -141,5 +142,5 @@ def test_no_final_answer_scores_zero():
 
 def test_score_passes_the_result_through():
     traj = _trajectory("<answer>178377</answer>")
-    result = score(REWARDS.get("arithmetic"), traj, PROBLEM, GroupContext(trajectories=(traj,)))
+    result = asyncio.run(score(REWARDS.get("arithmetic"), traj, PROBLEM, GroupContext(trajectories=(traj,))))
     assert result.total == pytest.approx(1.1) and result.correct is True

@@ -41,6 +41,10 @@ class AdvantageInput:
     tree: TreeStructure | None = None
     """Rollout-tree structure (which step holds each token, each step's parent) when the batch has tree
     groups; None for flat batches. Estimators that ignore it treat a tree's leaves as its G samples."""
+    turn_ids: Tensor | None = None
+    """(B, T) int64: the index of the turn (0-based) that sampled each mask==1 token, -1 elsewhere.
+    Turn-level estimators (MT-GRPO, IGPO, MatchTIR) need it; turn rewards sit on each turn's last
+    sampled token of `token_rewards`."""
 
     def __post_init__(self) -> None:
         shape = tuple(self.token_rewards.shape)
@@ -52,6 +56,8 @@ class AdvantageInput:
             raise ValueError(f"AdvantageInput.group_ids must be ({shape[0]},), got {tuple(self.group_ids.shape)}")
         if self.values is not None and tuple(self.values.shape) != shape:
             raise ValueError(f"AdvantageInput.values must match token_rewards {shape}, got {tuple(self.values.shape)}")
+        if self.turn_ids is not None and tuple(self.turn_ids.shape) != shape:
+            raise ValueError(f"AdvantageInput.turn_ids must match token_rewards {shape}, got {tuple(self.turn_ids.shape)}")
         if self.tree is not None and tuple(self.tree.node_B_T.shape) != shape:
             raise ValueError(f"AdvantageInput.tree.node_B_T must match token_rewards {shape}, "
                              f"got {tuple(self.tree.node_B_T.shape)}")

@@ -48,7 +48,7 @@ def run_eval(name: str, problems: list[Problem], make_env, backend, fmt, reward_
     per_chunk = max(1, (chunk or cfg.rollout.max_batch_size) // cfg.eval.samples)
     with asyncio.Runner() as runner:
         for i in range(0, len(todo), per_chunk):
-            ctx = RolloutContext(make_env, backend, fmt, spec, reward_fn, step=0, seed=cfg.run.seed)
+            ctx = RolloutContext(make_env, backend, fmt, spec, reward_fn, step=0, seed=cfg.run.seed, training=False)
             out = runner.run(run_strategy(Flat(), todo[i:i + per_chunk], ctx))
             failed = [t.with_reward(0.0, {}, False) for t in out.failed]  # a failed sample is not correct
             append_jsonl(path, out.trajectories + failed)

@@ -155,7 +155,7 @@ class EntropyBranch(Stateless):
             out.failed += [t for t in trajs if is_failed(t)]
             ok = [t for t in trajs if not is_failed(t)]
             if ok:
-                out.groups.append(ctx.score(ok, tree.problem, tree.group_id,
+                out.groups.append(await ctx.score(ok, tree.problem, tree.group_id,
                                             edges=tree_edges(ok)))
         out.metrics.update(tree_metrics(trees))
         return out

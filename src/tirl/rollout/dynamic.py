@@ -112,9 +112,9 @@ class _BatchContext(RolloutContext):
                      prefix: Prefix | None = None, origin: str | None = None) -> Trajectory:
         return await super().sample(problem, self._gid(group_id), sample_index, key, prefix, origin)
 
-    def score(self, trajs: Sequence[Trajectory], problem: Problem, group_id: str,
-              edges: tuple[TreeEdge, ...] = ()) -> TrajectoryGroup:
-        return super().score(trajs, problem, self._gid(group_id), edges)
+    async def score(self, trajs: Sequence[Trajectory], problem: Problem, group_id: str,
+                    edges: tuple[TreeEdge, ...] = ()) -> TrajectoryGroup:
+        return await super().score(trajs, problem, self._gid(group_id), edges)
 
 
 def _mean(metrics: Sequence[dict[str, float]]) -> dict[str, float]:

@@ -169,7 +169,7 @@ class Fission:
             failed += [t for t in mine if is_failed(t)]
             ok = [t for t in mine if not is_failed(t)]
             if ok:
-                groups.append(ctx.score(ok, c.problem, f"{ctx.step}-f{ci}"))
+                groups.append(await ctx.score(ok, c.problem, f"{ctx.step}-f{ci}"))
         metrics = recovery_metrics([t for g in groups for t in g.trajectories])
         if self.judge != "none":
             metrics["fission/judge_leaks"] = float(sum(leaked for _, leaked in feedback))

@@ -68,6 +68,8 @@ class RolloutContext:
     seed: int = 0
     reward_state: RewardState = field(default_factory=RewardState)
     progress: Progress = field(default_factory=Progress)
+    training: bool = True
+    """False in evaluation: stateful rewards (OTC's per-question minimum) then leave their state alone."""
 
     async def sample(self, problem: Problem, group_id: str, sample_index: int, key: tuple,
                      prefix: Prefix | None = None, origin: str | None = None) -> Trajectory:
@@ -81,11 +83,11 @@ class RolloutContext:
     def seed_for(self, key: tuple) -> int:
         return derive_seed(self.seed, self.step, *key)
 
-    def score(self, trajs: Sequence[Trajectory], problem: Problem, group_id: str,
-              edges: tuple[TreeEdge, ...] = ()) -> TrajectoryGroup:
+    async def score(self, trajs: Sequence[Trajectory], problem: Problem, group_id: str,
+                    edges: tuple[TreeEdge, ...] = ()) -> TrajectoryGroup:
         """Score the trajectories of one group (failed ones must have been taken out)."""
-        return score_group(trajs, problem, self.reward_fn, step=self.step, state=self.reward_state.data,
-                           group_id=group_id, edges=edges)
+        return await score_group(trajs, problem, self.reward_fn, step=self.step, state=self.reward_state.data,
+                                 group_id=group_id, edges=edges, training=self.training)
 
 
 @dataclass
@@ -145,7 +147,7 @@ class Flat(Stateless):
             out.failed += [t for t in trajs if is_failed(t)]
             ok = [t for t in trajs if not is_failed(t)]
             if ok:
-                out.groups.append(ctx.score(ok, p, f"{ctx.step}-{gi}"))
+                out.groups.append(await ctx.score(ok, p, f"{ctx.step}-{gi}"))
         return out
 
 
@@ -179,12 +181,14 @@ async def rollout_groups(problems: Sequence[Problem], make_env: Callable[[Proble
     return (await run_strategy(Flat(), problems, ctx)).groups
 
 
-def score_group(trajs: Sequence[Trajectory], problem: Problem, reward_fn: RewardFn, *, step: int,
-                state: dict[str, Any], group_id: str, edges: tuple[TreeEdge, ...] = ()) -> TrajectoryGroup:
-    """Attach rewards to the trajectories of one group."""
-    ctx = GroupContext(trajectories=tuple(trajs), step=step, state=state)
+async def score_group(trajs: Sequence[Trajectory], problem: Problem, reward_fn: RewardFn, *, step: int,
+                      state: dict[str, Any], group_id: str, edges: tuple[TreeEdge, ...] = (),
+                      training: bool = True) -> TrajectoryGroup:
+    """Attach rewards to the trajectories of one group (in order: a stateful reward sees them in turn)."""
+    ctx = GroupContext(trajectories=tuple(trajs), step=step, state=state,
+                       task_reward=getattr(reward_fn, "task_reward", ""), training=training)
     scored = []
     for t in trajs:
-        r = score(reward_fn, t, problem, ctx)
-        scored.append(t.with_reward(r.total, r.components, r.correct))
+        r = await score(reward_fn, t, problem, ctx)
+        scored.append(t.with_reward(r.total, r.components, r.correct, r.turn_rewards or ()))
     return TrajectoryGroup(group_id=group_id, task_id=problem.id, trajectories=tuple(scored), edges=edges)

@@ -49,7 +49,7 @@ def from_dict(d: dict[str, Any]) -> Trajectory:
         meta=TrajectoryMeta(meta["task_id"], meta["group_id"], meta["sample_index"], meta["step"],
                             tuple(meta["node_ids"]), meta["error"], meta.get("origin")),
         final_answer=d["final_answer"], reward=d["reward"], reward_components=d["reward_components"],
-        correct=d["correct"])
+        correct=d["correct"], turn_rewards=tuple(d.get("turn_rewards", ())))
 
 
 def append_jsonl(path: Path, trajectories: Iterable[Trajectory]) -> None:

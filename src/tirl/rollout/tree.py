@@ -146,7 +146,7 @@ class Tree(Stateless):
             out.failed += failed
             candidates += sampled
             if leaves:
-                out.groups.append(ctx.score(leaves, p, f"{ctx.step}-{gi}", edges=tree_edges(leaves)))
+                out.groups.append(await ctx.score(leaves, p, f"{ctx.step}-{gi}", edges=tree_edges(leaves)))
         out.metrics.update(tree_metrics(out.groups, candidates))
         return out
 

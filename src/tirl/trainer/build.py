@@ -23,8 +23,8 @@ from tirl.envs.tool_env import ToolEnv, ToolLimits
 from tirl.errors import ConfigError
 from tirl.models import loading
 from tirl.registry import RegistryError
-from tirl.rewards import REWARDS
-from tirl.rewards.base import RewardFn
+import tirl.rewards  # noqa: F401  (registers the built-in rewards)
+from tirl.rewards.base import BoundReward, bind
 from tirl.rollout.agent import TurnLimits
 from tirl.tasks import TASKS
 from tirl.tasks.base import Problem, Task
@@ -138,11 +138,12 @@ def build_tools(cfg: Config, task: Task) -> ToolSet:
         raise ConfigError(f"task.tools: {e}" if not str(e).startswith("tools.") else str(e)) from None
 
 
-def build_reward(cfg: TaskConfig, task: Task) -> RewardFn:
-    name = cfg.reward or task.default_reward
+def build_reward(cfg: TaskConfig, task: Task) -> BoundReward:
+    """The configured reward with its parameters bound and checked (a bad name or parameter is a
+    `ConfigError` before any work starts)."""
     try:
-        return REWARDS.get(name)
-    except RegistryError as e:
+        return bind({"name": cfg.reward or "task", "kwargs": cfg.reward_kwargs}, task.default_reward)
+    except (RegistryError, ValueError) as e:
         raise ConfigError(f"task.reward: {e}") from None
 
 

@@ -81,10 +81,9 @@ def advantages_for(groups: Sequence[TrajectoryGroup], s: UpdateSettings) -> Batc
     for i, t in enumerate(trajs):
         mask[i, :len(t.loss_mask)] = torch.tensor(t.loss_mask, dtype=torch.float32)
     group_ids = torch.tensor([gi for gi, g in enumerate(groups) for _ in g.trajectories])
-    rewards = torch.tensor([t.reward for t in trajs], dtype=torch.float32)
     tree = tree_structure(groups, width)
-    inp = AdvantageInput(token_rewards=outcome_token_rewards(rewards, mask), mask=mask, group_ids=group_ids,
-                         tree=tree)
+    token_rewards, turn_ids = token_rewards_and_turns(trajs, mask)
+    inp = AdvantageInput(token_rewards=token_rewards, mask=mask, group_ids=group_ids, tree=tree, turn_ids=turn_ids)
     try:
         adv, _ = ADVANTAGES.get(s.advantage)(inp, **s.advantage_kwargs)
     except NeedsTreeError as e:
@@ -93,6 +92,26 @@ def advantages_for(groups: Sequence[TrajectoryGroup], s: UpdateSettings) -> Batc
         return Batch(trajs, mask, adv.float())
     adv = mean_over_sharing_rows(adv, tree.node_B_T) * mask
     return Batch(trajs, mask, adv, train_mask=mask * owner_mask(tree.node_B_T))
+
+
+def token_rewards_and_turns(trajs: Sequence[Trajectory], mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(token_rewards_B_T, turn_ids_B_T)`: each trajectory's reward on its last sampled token, or, when
+    the reward gave turn rewards, each on the last sampled token of its turn; and the turn index of every
+    sampled token (-1 elsewhere)."""
+    rewards = torch.tensor([t.reward for t in trajs], dtype=torch.float32)
+    token_rewards = outcome_token_rewards(rewards, mask)
+    turn_ids = torch.full(mask.shape, -1, dtype=torch.long)
+    for i, t in enumerate(trajs):
+        for k, turn in enumerate(t.turns):
+            turn_ids[i, turn.gen_start:turn.gen_end] = k
+        if t.turn_rewards:
+            token_rewards[i] = 0.0
+            for turn, r in zip(t.turns, t.turn_rewards):
+                if turn.gen_end > turn.gen_start:
+                    token_rewards[i, turn.gen_end - 1] += r
+                else:  # a turn that sampled nothing: its reward goes to the trajectory's last sampled token
+                    token_rewards[i] += outcome_token_rewards(torch.tensor([r]), mask[i:i + 1])[0]
+    return token_rewards, turn_ids
 
 
 def tree_structure(groups: Sequence[TrajectoryGroup], width: int) -> TreeStructure | None:
