@@ -421,3 +421,20 @@ def test_train_levels_take_turns(levels):
     """Every RL step of len(levels) prompts sees each level once (a random draw starved some levels)."""
     task = ArithmeticTask(levels=levels)
     assert [task.train_problem(i).info["level"] for i in range(12)] == [levels[i % len(levels)] for i in range(12)]
+
+
+def test_check_variant_adds_an_inverse_check_call_to_sft_traces():
+    """check=True: "a op b" = r is followed by the call "r inv b", whose value is a."""
+    from tirl.tasks.arithmetic import evaluate_ascii
+
+    task = ArithmeticTask(check=True)
+    problems = task.sft_problems(12)
+    for p in problems:
+        first, second = (c.arguments["expression"] for c in p.reference_calls)
+        assert first == p.info["expression"] and evaluate_ascii(first) == int(p.answer)
+        assert second.startswith(p.answer + " ") and evaluate_ascii(second) == int(first.split(" ")[0])
+    assert "check the result" in task.system_prompt(True)
+    assert "check" not in task.system_prompt(False)
+    assert [p.question for p in problems] == [p.question for p in ArithmeticTask().sft_problems(12)]
+    with pytest.raises(ValueError, match="check must be true or false"):
+        ArithmeticTask(check="yes")

@@ -1,6 +1,6 @@
 """Reward functions, registered in `REWARDS` by name; importing this package registers the built-ins."""
 
-from tirl.rewards import answer
+from tirl.rewards import answer, otc
 from tirl.rewards.answer import answers_match, extract_answer, parse_number
 from tirl.rewards.base import REWARDS, GroupContext, RewardFn, RewardResult, score
 
@@ -10,6 +10,7 @@ __all__ = [
     "RewardFn",
     "RewardResult",
     "answer",
+    "otc",
     "answers_match",
     "extract_answer",
     "parse_number",

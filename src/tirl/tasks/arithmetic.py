@@ -27,6 +27,8 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Callable, Sequence
+from dataclasses import replace
+from fractions import Fraction
 
 from tirl.tasks.arithmetic_templates import (
     ASCII_SYMBOLS,
@@ -88,7 +90,8 @@ class ArithmeticTask(Task):
     default_reward = "arithmetic"
 
     def __init__(self, seed: int = 0, levels: Sequence[int] = DEFAULT_LEVELS, heldout_size: int = 100,
-                 sft_ops: Sequence[str] = OPERATORS, max_digits: int = 4, tool: str = "calculator"):
+                 sft_ops: Sequence[str] = OPERATORS, max_digits: int = 4, tool: str = "calculator",
+                 check: bool = False):
         """Validate the configuration; raises ValueError naming the bad keyword argument.
 
         `seed` fixes the train stream only; `levels` are the difficulty levels (from 1-5, default
@@ -96,12 +99,18 @@ class ArithmeticTask(Task):
         `heldout_size` is the held-out split's size;
         `sft_ops` are the operators of the narrow SFT set; `max_digits` bounds operand digits;
         `tool` is what the problems are meant to be solved with (`calculator` or `python`): it sets
-        the default tools, the system prompt and the SFT traces' calls.
+        the default tools, the system prompt and the SFT traces' calls. `check=True` asks the model
+        to check every result with a second call, and the SFT traces do so (the inverse operation:
+        "4821 * 37" = 178377, then "178377 / 37" = 4821): calls that a tool-efficiency reward (OTC)
+        can teach the model to save without losing accuracy, and that plain GRPO has no reason to drop.
         """
         if tool not in TOOL_CHOICES:
             raise ValueError(f"tool must be one of {list(TOOL_CHOICES)}, got {tool!r}")
         self.tool = tool
         self.default_tools = (tool,)
+        if not isinstance(check, bool):
+            raise ValueError(f"check must be true or false, got {check!r}")
+        self.check = check
         self.seed = _check_int("seed", seed, lo=None)
         self.levels = _check_choices("levels", levels, LEVELS)
         self.heldout_size = _check_int("heldout_size", heldout_size, lo=1)
@@ -113,6 +122,9 @@ class ArithmeticTask(Task):
 
     def system_prompt(self, with_tools: bool) -> str:
         """Short instructions; the answer always goes in `<answer>number</answer>`."""
+        if with_tools and self.check:
+            return (f"Solve the problem. Use the {self.tool} tool for every calculation and check the result "
+                    f"with the {self.tool} tool, then give the final answer as <answer>number</answer>.")
         if with_tools:
             return (f"Solve the problem. Use the {self.tool} tool for every calculation, "
                     "then give the final answer as <answer>number</answer>.")
@@ -163,7 +175,8 @@ class ArithmeticTask(Task):
         for i in range(count):
             generated = self._fresh(seen, "sft", i, self._sft_question)
             seen.add(generated.question)
-            problems.append(_problem(f"arithmetic/sft/{i}", 1, generated, self.tool))
+            problem = _problem(f"arithmetic/sft/{i}", 1, generated, self.tool)
+            problems.append(_with_check(problem, self.tool) if self.check else problem)
         return problems
 
     def _sft_question(self, rng: random.Random) -> Generated:
@@ -192,6 +205,30 @@ class ArithmeticTask(Task):
             if generated.question not in taken:
                 return generated
         raise RuntimeError(f"{split} problem {index}: no new question in {_MAX_ATTEMPTS} attempts")
+
+
+_INVERSE = {"+": "-", "-": "+", "*": "/", "/": "*"}
+
+
+def _with_check(problem: Problem, tool: str) -> Problem:
+    """The SFT problem `a op b` with a second reference call that checks the result r by the inverse
+    operation (`r inv b`, which gives back a)."""
+    a, op, b = problem.info["expression"].split(" ")
+    expression = f"{problem.answer} {_INVERSE[op]} {b}"
+    if evaluate_ascii(expression) != int(a):
+        raise AssertionError(f"check of {problem.info['expression']} = {problem.answer} does not give back {a}")
+    if tool == "python":
+        call = ToolCall(id="call_1", name="python", arguments={"code": expression.replace("/", "//")})
+    else:
+        call = ToolCall(id="call_1", name="calculator", arguments={"expression": expression})
+    return replace(problem, reference_calls=(*problem.reference_calls, call))
+
+
+def evaluate_ascii(expression: str) -> Fraction:
+    """Value of `"a op b"` (integers, one ASCII operator), exactly."""
+    a, op, b = expression.split(" ")
+    x, y = Fraction(int(a)), Fraction(int(b))
+    return {"+": x + y, "-": x - y, "*": x * y, "/": x / y}[op]
 
 
 def _check_int(kwarg: str, value: object, lo: int | None, hi: int | None = None) -> int:
