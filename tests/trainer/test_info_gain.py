@@ -1,0 +1,67 @@
+"""IGPO information gain (reference 4.4): turn rewards from teacher-forced gold-answer beliefs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tirl.trainer.info_gain import answer_beliefs, information_gain_rewards, with_information_gain
+from tirl.types import StopReason, Trajectory, TrajectoryGroup, TrajectoryMeta, Turn
+
+
+def test_reference_turn_rewards():
+    """Reference 4.4: p = [0.1, 0.3, 0.25], final F1 = 1 -> turn rewards [0.2, -0.05, 1.0]."""
+    assert information_gain_rewards([0.1, 0.3, 0.25], 1.0) == pytest.approx((0.2, -0.05, 1.0))
+    assert information_gain_rewards([0.4], 0.0) == (0.0,)
+    with pytest.raises(ValueError, match="at least one turn"):
+        information_gain_rewards([], 1.0)
+
+
+def _traj(task_id: str = "q") -> Trajectory:
+    """Prompt [5, 6, 7]; turn 0 samples [10, 11] then the env inserts [12, 13]; turn 1 samples [14, 15]."""
+    turns = (Turn(0, 2, 4, "call", "stop"), Turn(4, 6, 6, "answer", "eos"))
+    return Trajectory(prompt_ids=(5, 6, 7), response_ids=(10, 11, 12, 13, 14, 15), loss_mask=(1, 1, 0, 0, 1, 1),
+                      logprobs=(-1.0, -1.0, 0.0, 0.0, -1.0, -1.0), turns=turns, messages=(),
+                      stop_reason=StopReason.ANSWERED, meta=TrajectoryMeta(task_id, "g"), final_answer="x",
+                      reward=1.0, reward_components={"correct": 1.0}, correct=True)
+
+
+def _model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="eager")
+
+
+def _belief(model, context: list[int], answer: list[int]) -> float:
+    """exp(mean_j log pi(a_j | context, a_<j)) by one plain forward pass."""
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([context + answer])).logits[0].float(), -1)
+    return math.exp(sum(float(logp[len(context) + j - 1, tok]) for j, tok in enumerate(answer)) / len(answer))
+
+
+def test_beliefs_are_teacher_forced_gold_probabilities(tiny_model_dir):
+    """Contexts: the prompt alone, then the prompt + turn 0 + its observation; checked against plain
+    forward passes (the batched scorer shares the prompt prefix)."""
+    model = _model(tiny_model_dir)
+    answer = [20, 21, 22]
+    got = answer_beliefs(model, [_traj(), _traj()], [answer, answer], micro_batch_size=3)
+    want = [_belief(model, [5, 6, 7], answer), _belief(model, [5, 6, 7, 10, 11, 12, 13], answer)]
+    assert got[0] == pytest.approx(want, rel=1e-4) and got[1] == pytest.approx(want, rel=1e-4)
+    logs = answer_beliefs(model, [_traj()], [answer], log_space=True)[0]
+    assert logs == pytest.approx([math.log(w) for w in want], rel=1e-4)
+
+
+def test_groups_get_turn_rewards_summing_to_the_reward(tiny_model_dir):
+    model = _model(tiny_model_dir)
+    groups = [TrajectoryGroup("g0", "q", (_traj(), _traj()))]
+    out, metrics = with_information_gain(model, groups, lambda task_id: "ab", lambda text: [30, 31])
+    t = out[0].trajectories[0]
+    beliefs = answer_beliefs(model, [_traj()], [[30, 31]])[0]
+    assert t.turn_rewards == pytest.approx((beliefs[1] - beliefs[0], 1.0), rel=1e-5)
+    assert t.reward == pytest.approx(sum(t.turn_rewards)) and t.correct is True
+    assert t.reward_components["info_gain"] == pytest.approx(beliefs[1] - beliefs[0], rel=1e-5)
+    assert metrics["igpo/info_gain_mean"] == pytest.approx(beliefs[1] - beliefs[0], rel=1e-5)
+    with pytest.raises(ValueError, match="empty gold answer"):
+        with_information_gain(model, groups, lambda task_id: "", lambda text: [])
