@@ -1,13 +1,24 @@
-"""SFT cold start on tool-use traces the task generates, tokenised and masked exactly like RL.
+"""SFT: the cold start on task traces, or rejection sampling from rollouts; tokenised and masked like RL.
 
-Each trace is built by running the real tools on the task's reference calls, so the observations in
-SFT are byte-for-byte what the env would insert during RL; `ChatFormat.sft_sequence` then builds the
-tokens incrementally (mask 1 on assistant tokens, 0 on prompt and tool output).
+`sft.source=task`: each trace is built by running the real tools on the task's reference calls, so the
+observations in SFT are byte-for-byte what the env would insert during RL; `ChatFormat.sft_sequence`
+then builds the tokens incrementally (mask 1 on assistant tokens, 0 on prompt and tool output).
+`sft.source=rollouts`: filtered trajectories of earlier runs, trained on with their own tokens and
+masks (`tirl.trainer.sft_data`).
+
+The loss of a batch is a weighted token mean over the trained tokens (ToRA: tool output is never a
+target, reference 5.3):
+
+    loss = sum_{i,t} w_{i,t} * -log pi(x_{i,t} | x_{i,<t}) / sum_{i,t} w_{i,t}
+
+with w = loss_mask (plain token-mean NLL), or TL-Training's PKT weights (`sft.key_token_weighting`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import math
 import random
 from pathlib import Path
@@ -16,12 +27,15 @@ import torch
 
 from tirl.backends.base import derive_seed
 from tirl.chat.format import SFTSequence
-from tirl.config import Config
+from tirl.config import Config, SFTConfig
+from tirl.errors import ResumeError
 from tirl.tasks.base import Problem, Task
 from tirl.tools import ToolSet
 from tirl.trainer.build import Policy
+from tirl.trainer.display import console
 from tirl.trainer.forward import response_logprobs
 from tirl.trainer.logging import MetricsLogger
+from tirl.trainer.sft_data import SFTExample, example_of, rollout_examples, with_key_weights
 from tirl.trainer.stage import TrainingStage
 from tirl.types import Message
 
@@ -40,6 +54,7 @@ async def reference_conversation(task: Task, tools: ToolSet, problem: Problem) -
 
 
 def build_sft_data(task: Task, tools: ToolSet, policy: Policy, count: int) -> list[SFTSequence]:
+    """`count` task traces tokenised with the policy's chat format."""
     problems = task.sft_problems(count)
 
     async def all_convs():
@@ -49,32 +64,66 @@ def build_sft_data(task: Task, tools: ToolSet, policy: Policy, count: int) -> li
     return [policy.fmt.sft_sequence(c, tools.schemas()) for c in convs]
 
 
-def sft_loss_step(policy: Policy, optimizer, seqs: list[SFTSequence], micro: int, max_grad_norm) -> dict:
-    """One optimizer step of token-mean NLL over the assistant tokens of `seqs`."""
-    total = float(sum(sum(s.loss_mask) for s in seqs))
-    nll = 0.0
-    for i in range(0, len(seqs), micro):
-        chunk = seqs[i:i + micro]
-        scored = response_logprobs(policy.model, [s.prompt_ids for s in chunk], [s.response_ids for s in chunk],
-                                   [s.loss_mask for s in chunk], compute_dtype=policy.compute_dtype)
-        loss = -(scored.logprobs * scored.mask).sum() / total
+def build_examples(cfg: SFTConfig, policy: Policy, task: Task, tools: ToolSet) -> tuple[list[SFTExample], dict]:
+    """The training sequences of `cfg.source`, PKT-weighted if asked, and a summary of where they came from."""
+    if cfg.source == "rollouts":
+        examples, report = rollout_examples(cfg, policy.fmt)
+        summary, detail = {"source": "rollouts", **dataclasses.asdict(report)}, f"; {report.describe()}"
+    else:
+        seqs = build_sft_data(task, tools, policy, cfg.examples)
+        examples = [example_of(s, f"task:{i}") for i, s in enumerate(seqs)]
+        summary, detail = {"source": "task", "kept": len(examples)}, ""
+    if cfg.key_token_weighting:
+        examples = with_key_weights(examples, policy.fmt, cfg.max_key_weight)
+    summary["tokens"] = sum(sum(e.loss_mask) for e in examples)
+    console.print(f"[cyan]sft data[/] ({cfg.source}): {len(examples)} sequences, {summary['tokens']} trained "
+                  f"tokens{detail}", highlight=False)
+    return examples, summary
+
+
+def weighted_token_mean(nll_B_T: torch.Tensor, weights_B_T: torch.Tensor, total_weight: float) -> torch.Tensor:
+    """sum(w * nll) / total_weight, where total_weight is sum(w) over the whole batch (all micro-batches)."""
+    return (nll_B_T * weights_B_T).sum() / total_weight
+
+
+def chunk_loss(policy: Policy, chunk: list[SFTExample], total_weight: float) -> tuple[torch.Tensor, float]:
+    """This micro-batch's share of the batch loss (differentiable), and its summed unweighted NLL."""
+    scored = response_logprobs(policy.model, [e.prompt_ids for e in chunk], [e.response_ids for e in chunk],
+                               [e.loss_mask for e in chunk], compute_dtype=policy.compute_dtype)
+    weights_B_T = torch.zeros_like(scored.mask)
+    for i, e in enumerate(chunk):
+        weights_B_T[i, :len(e.weights)] = torch.tensor(e.weights, dtype=weights_B_T.dtype)
+    nll_B_T = -scored.logprobs * scored.mask
+    return weighted_token_mean(nll_B_T, weights_B_T, total_weight), float(nll_B_T.detach().sum())
+
+
+def sft_loss_step(policy: Policy, optimizer, batch: list[SFTExample], micro: int, max_grad_norm) -> dict:
+    """One optimizer step of the weighted token-mean NLL (module docstring) over the trained tokens of `batch`."""
+    total_weight = float(sum(sum(e.weights) for e in batch))
+    tokens = float(sum(sum(e.loss_mask) for e in batch))
+    loss_sum, nll_sum = 0.0, 0.0
+    for i in range(0, len(batch), micro):
+        loss, nll = chunk_loss(policy, batch[i:i + micro], total_weight)
         loss.backward()
-        nll += float(loss.detach())
+        loss_sum += float(loss.detach())
+        nll_sum += nll
     params = [p for p in policy.model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"train/loss": nll, "train/tokens": total, "train/grad_norm": float(norm)}
+    return {"train/loss": loss_sum, "train/nll": nll_sum / tokens, "train/tokens": tokens,
+            "train/grad_norm": float(norm)}
 
 
 def run_sft(cfg: Config, policy: Policy, task: Task, tools: ToolSet, run_dir: Path, logger: MetricsLogger) -> Path:
     """Train, resuming from the newest checkpoint; returns the directory of the trained model."""
     s = cfg.sft
-    data = build_sft_data(task, tools, policy, s.examples)
+    data, summary = build_examples(s, policy, task, tools)
     per_epoch = math.ceil(len(data) / s.batch_size)
     stage = TrainingStage("sft", run_dir, policy, s.optim, per_epoch * s.epochs, s.save_every,
                           s.keep_checkpoints, logger)
     state = stage.resume()
+    _record_data(run_dir / "sft_data.json", summary, resuming=state["step"] > 0)
     for step in range(state["step"], stage.total_steps):
         epoch, k = divmod(step, per_epoch)
         order = list(range(len(data)))
@@ -84,3 +133,14 @@ def run_sft(cfg: Config, policy: Policy, task: Task, tools: ToolSet, run_dir: Pa
                                 s.optim.max_grad_norm)
         stage.step_done(step + 1, metrics, {})
     return stage.finish(run_dir / "models" / "sft")
+
+
+def _record_data(path: Path, summary: dict, resuming: bool) -> None:
+    """Write the data summary; a resumed run must find the same data it started with."""
+    if resuming and path.exists():
+        old = json.loads(path.read_text())
+        if old != summary:
+            raise ResumeError(f"the SFT data changed since this run started ({path}: {old.get('kept')} sequences, "
+                              f"{old.get('tokens')} tokens; now {summary.get('kept')}, {summary.get('tokens')}); "
+                              "use another run.name, or restore the rollout files")
+    path.write_text(json.dumps(summary, indent=1))
