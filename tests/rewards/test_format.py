@@ -1,12 +1,14 @@
 """Format rewards: `format_tags` (answer tag exactly once, optional think pairing) and `tool_call_validity`."""
 
+import dataclasses
+
 import pytest
 
 from tirl.rewards import REWARDS
 from tirl.rewards.format import (assistant_text, format_tags_reward, single_tag_block, think_paired,
-                                 tool_call_validity_reward)
+                                 tool_call_validity_reward, unparsed_attempts)
 from tirl.tasks.base import Problem
-from tirl.types import ToolStatus
+from tirl.types import ToolResult, ToolStatus
 
 from tests.rewards.builders_a import T, alone, trajectory
 
@@ -94,6 +96,15 @@ def test_tool_call_validity_without_calls_and_bad_statuses():
         _validity("x", ok_statuses=["ok", "fine"])
     with pytest.raises(ValueError, match="list of tool statuses"):
         _validity("x", ok_statuses="ok")
+
+
+def test_unparsed_attempts_count_results_without_a_call():
+    """Two invalid attempts, plus a budget-exceeded result for an unreadable call (no ToolCall has its id)."""
+    traj = trajectory(T("x", calls=[("a", {})], statuses=[ToolStatus.VALIDATION_ERROR], invalid=2), "done")
+    assert unparsed_attempts(traj) == 2
+    over_budget = ToolResult("call_9_0", "", "budget", ToolStatus.BUDGET_EXCEEDED)
+    turn = dataclasses.replace(traj.turns[0], tool_results=traj.turns[0].tool_results + (over_budget,))
+    assert unparsed_attempts(dataclasses.replace(traj, turns=(turn, traj.turns[1]))) == 3
 
 
 def test_assistant_text_joins_turns():

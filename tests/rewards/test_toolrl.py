@@ -149,7 +149,8 @@ def test_text_only_gold():
 
 
 def test_gold_from_reference_calls_and_bad_gold():
-    problem = Problem(id="toolrl/3", question="q", answer="", reference_calls=(ToolCall("r", "search", {"q": "a", "k": 5}),))
+    problem = Problem(id="toolrl/3", question="q", answer="",
+                      reference_calls=(ToolCall("r", "search", {"q": "a", "k": 5}),))
     assert gold_calls(problem) == [SEARCH_K5]
     assert _reward(GOOD_CALL, "<think>d</think>", problem=problem).total == 4.0
     with pytest.raises(ValueError, match="toolrl/4.*gold_calls"):
@@ -172,7 +173,7 @@ def test_variants_on_a_trajectory():
 
 
 def test_with_length_variant():
-    """30 think words in total: round(30/512, 2) = 0.06; scheduled at step 105: target 640 -> round(0.046875, 2) = 0.05."""
+    """30 think words in total: round(30/512, 2) = 0.06; step 105 scheduled: L = 640 -> round(0.046875, 2) = 0.05."""
     thinking = T("<think>" + "w " * 20 + "</think>", calls=[("search", {"q": "a", "k": 5})])
     final = "<think>" + "w " * 10 + "</think>"
     assert _reward(thinking, final, variant="with_length").components["length"] == pytest.approx(0.06)

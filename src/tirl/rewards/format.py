@@ -22,6 +22,12 @@ def assistant_text(trajectory: Trajectory) -> str:
     return "\n".join(t.text for t in trajectory.turns)
 
 
+def unparsed_attempts(trajectory: Trajectory) -> int:
+    """Call attempts the parser could not read: results no `ToolCall` of their turn answers (status
+    `invalid_call`, or `budget_exceeded` for an unreadable call past the budget)."""
+    return sum(r.call_id not in {c.id for c in t.tool_calls} for t in trajectory.turns for r in t.tool_results)
+
+
 def tag_count(text: str, tag: str) -> tuple[int, int]:
     """(number of `<tag>`, number of `</tag>`) in `text`."""
     return text.count(f"<{tag}>"), text.count(f"</{tag}>")
@@ -65,7 +71,7 @@ def check_statuses(statuses: Sequence[str], what: str) -> frozenset[ToolStatus]:
 @REWARDS.register("format_tags")
 def format_tags_reward(trajectory: Trajectory, problem: Problem, group: GroupContext, *, tag: str = "answer",
                        require_think: bool = False, reward: float = 1.0, penalty: float = 0.0) -> RewardResult:
-    """Format check: `reward` if the final answer holds exactly one <tag>...</tag> (and, optionally, paired <think>), else `penalty`.
+    """Format check: `reward` if the final answer holds one <tag>...</tag> (optionally paired <think>), else `penalty`.
 
     With `require_think`, every turn's text must hold at least one `<think>...</think>` pair, the tags
     balanced and not nested. A trajectory that did not end by answering gets `penalty`."""

@@ -18,8 +18,8 @@ in tirl the chat format parses calls into `Turn.tool_calls`, the env answers the
 answers in a later turn. So:
 
 - predicted calls: every parsed call of every turn, in order, as `{"name": call.name, "parameters":
-  call.arguments}`. A call attempt that could not be parsed (status `invalid_call`) is the paper's
-  JSON failure: R_correct = min. Gold calls with no call attempt: R_correct = min.
+  call.arguments}`. A call attempt that could not be parsed (`tirl.rewards.format.unparsed_attempts`)
+  is the paper's JSON failure: R_correct = min. Gold calls and no call attempt: R_correct = min.
 - gold calls: `problem.info["gold_calls"]` (a list of `{"name", "parameters"}`), else
   `problem.reference_calls`. Gold "has a response" when `problem.answer` is not blank.
 - R_format = max_f iff (a) every turn's text starts with its one `<think>...</think>` (exactly one of
@@ -48,8 +48,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from tirl.rewards.base import REWARDS, GroupContext, RewardResult
+from tirl.rewards.format import unparsed_attempts
 from tirl.tasks.base import Problem
-from tirl.types import ToolStatus, Trajectory
+from tirl.types import Trajectory
 
 VARIANTS = ("default", "coarse", "refined", "intermediate", "correct_max1", "max1step30max3", "schedule",
             "with_length")
@@ -188,7 +189,9 @@ def format_ok(trajectory: Trajectory, expects_calls: bool, expects_answer: bool,
 
 
 def think_length_reward(trajectory: Trajectory, step: int, length_schedule: bool) -> float:
-    """`min(round(words / L, 2), 1)`: words in every <think> block; L = 512, or 384 + 256 s/105 scheduled; 0 without think."""
+    """`min(round(words / L, 2), 1)` over the words of every <think> block; L = 512 (or 384 + 256 s/105).
+
+    0 when the turns hold no `<think>...</think>`."""
     text = "\n".join(t.text for t in trajectory.turns)
     if "<think>" not in text or "</think>" not in text:
         return 0.0
@@ -200,8 +203,7 @@ def think_length_reward(trajectory: Trajectory, step: int, length_schedule: bool
 def _correctness(trajectory: Trajectory, gt: list[dict[str, Any]], scales: Scales, variant: str) -> float:
     if not gt:
         return 0.0
-    attempted = trajectory.tool_results
-    if not attempted or any(r.status is ToolStatus.INVALID_CALL for r in attempted):
+    if not trajectory.tool_results or unparsed_attempts(trajectory):
         return scales.min_c
     mode = variant if variant in _MATCH_MODES else "fine"
     return toolrl_correctness(gt, predicted_calls(trajectory), scales.max_c, scales.min_c, mode)
@@ -227,6 +229,5 @@ def toolrl_reward(trajectory: Trajectory, problem: Problem, group: GroupContext,
                   "correct": _correctness(trajectory, gt, scales, variant)}
     if variant == "with_length":
         components["length"] = think_length_reward(trajectory, group.step, length_schedule)
-    exact = predicted_calls(trajectory) == gt and not any(
-        r.status is ToolStatus.INVALID_CALL for r in trajectory.tool_results)
+    exact = predicted_calls(trajectory) == gt and not unparsed_attempts(trajectory)
     return RewardResult(total=sum(components.values()), components=components, correct=exact if gt else None)
