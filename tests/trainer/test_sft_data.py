@@ -299,3 +299,11 @@ def test_key_tokens_across_turns_of_a_rollout_and_pkt_needs_a_call(smol_format, 
     plain = example_of(smol_format.sft_sequence([Message("user", "q"), Message("assistant", "no tools")], None), "t")
     with pytest.raises(DataError, match="key_token_weighting is on, but none"):
         with_key_weights([plain], smol_format, 9.0)
+
+
+def test_trajectories_without_sampled_tokens_are_dropped_and_counted(tmp_path, smol_format, trajs):
+    a = trajs["a"]
+    silent = dataclasses.replace(a, loss_mask=(0,) * len(a.loss_mask), response_ids=a.response_ids[:-1] + (0,))
+    path = write(tmp_path / "t.jsonl", [silent, a])
+    examples, report = rollout_examples(cfg([path]), smol_format)
+    assert report.removed["no_trained_tokens"] == 1 and [e.origin for e in examples] == [f"{path}:2"]

@@ -6,7 +6,8 @@ trajectories written by earlier rollouts or evaluations (`trajectories/rl/step_*
 `response_ids` and `loss_mask`: token for token what RL trained on, so tool output (mask 0) is never
 a target. The filters run in a fixed order and each one's removals are counted:
 
-    drop_errored -> drop_truncated -> correct_only -> min_reward -> dedupe -> mask_error_turns -> max_per_problem
+    (no_trained_tokens) -> drop_errored -> drop_truncated -> correct_only -> min_reward -> dedupe
+    -> mask_error_turns -> max_per_problem
 
 MAE (TL-Training, reference 5.4a): an assistant turn whose tool output is an error (a result status in
 `error_statuses`, or output text containing one of `error_strings`, compared on lower-cased letters and
@@ -140,7 +141,7 @@ def check_tokenizer(fmt: ChatFormat, traj: Trajectory, where: str) -> None:
     if top >= vocab:
         raise DataError(f"{where}: token id {top} is outside this model's vocabulary ({vocab}); the trajectory "
                         "comes from a model with another tokenizer")
-    question = next((m.content for m in traj.messages if m.role == "user"), "")
+    question = next((m.content for m in traj.messages if m.role == "user"), "").strip()
     if question and question not in fmt.decode(traj.prompt_ids):
         raise DataError(f"{where}: the prompt tokens do not decode to the trajectory's question with this model's "
                         "tokenizer; the trajectory comes from a model with another tokenizer")
@@ -201,7 +202,12 @@ def _drop(items: list[Candidate], report: FilterReport, name: str, keep: Callabl
 
 
 def filter_candidates(items: list[Candidate], f: SFTFilterConfig, report: FilterReport) -> list[Candidate]:
-    """Apply the enabled filters in the module docstring's order, counting each one's removals."""
+    """Apply the enabled filters in the module docstring's order, counting each one's removals
+    (trajectories with no sampled token at all are dropped first, counted only when there are some)."""
+    trainable = [c for c in items if any(c.loss_mask)]
+    if len(trainable) < len(items):
+        report.removed["no_trained_tokens"] = len(items) - len(trainable)
+    items = trainable
     if f.drop_errored:
         items = _drop(items, report, "drop_errored", lambda c: not is_errored(c.traj))
     if f.drop_truncated:
