@@ -1,5 +1,5 @@
-"""Advantage estimators: hand-computed values (reference sections 1.3, 2.4), loop-vs-vectorised
-equivalence, masking, and the registry contract."""
+"""Advantage estimators: hand-computed values (reference sections 1.3, 2.4), masking, and the registry
+contract. Loop-vs-vectorised equivalence of every estimator: test_equivalence.py."""
 
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ from tirl.registry import RegistryError
 EXPECTED_ESTIMATORS = {"grpo", "drgrpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gae"}
 TREE_ESTIMATORS = {"portool"}
 """Estimators that need rollout trees (tested in test_tree_advantage.py)."""
+TURN_ESTIMATORS = {"igpo", "matchtir", "mt_grpo", "hdpo"}
+"""Estimators that need turn ids or correctness and tool-call counts (tested in test_turns.py)."""
 
 
 def outcome_input(rewards: list[float], group_ids: list[int], T: int = 3) -> AdvantageInput:
@@ -232,93 +234,13 @@ def test_estimator_parameters_are_checked():
         AdvantageInput(torch.zeros(2, 3), torch.ones(2, 4), torch.zeros(2, dtype=torch.long))
 
 
-# ----------------------------------------------------------------------------- loop references
-
-
-def _rows(inp: AdvantageInput) -> tuple[list[list[float]], list[list[float]], list[int]]:
-    return inp.token_rewards.tolist(), inp.mask.float().tolist(), inp.group_ids.tolist()
-
-
-def _loop_whiten(x: list[list[float]], m: list[list[float]]) -> list[list[float]]:
-    picked = [v for row, mrow in zip(x, m) for v, k in zip(row, mrow) if k]
-    mean = sum(picked) / len(picked)
-    var = sum((v - mean) ** 2 for v in picked) / (len(picked) - 1)
-    return [[(v - mean) / math.sqrt(var + 1e-8) * k for v, k in zip(row, mrow)] for row, mrow in zip(x, m)]
-
-
-def _loop_group_outcome(inp: AdvantageInput, kind: str) -> list[list[float]]:
-    rewards, mask, ids = _rows(inp)
-    scores = [sum(row) for row in rewards]
-    out = []
-    for i, score in enumerate(scores):
-        group = [scores[j] for j in range(len(scores)) if ids[j] == ids[i]]
-        n = len(group)
-        mean = sum(group) / n if n > 1 else 0.0
-        std = math.sqrt(sum((g - mean) ** 2 for g in group) / (n - 1)) if n > 1 else 1.0
-        if kind == "grpo":
-            a = (score - mean) / (std + 1e-6)
-        elif kind == "rloo":
-            others = [scores[j] for j in range(len(scores)) if ids[j] == ids[i] and j != i]
-            a = score - sum(others) / len(others) if others else score
-        else:  # drgrpo, reinforce_pp_baseline
-            a = score - mean
-        out.append([a * k for k in mask[i]])
-    return _loop_whiten(out, mask) if kind == "reinforce_pp_baseline" else out
-
-
-def _loop_reinforce_pp(inp: AdvantageInput, gamma: float) -> list[list[float]]:
-    rewards, mask, _ = _rows(inp)
-    returns = []
-    for row, mrow in zip(rewards, mask):
-        g, out = 0.0, [0.0] * len(row)
-        for t in reversed(range(len(row))):
-            g = row[t] + (gamma if mrow[t] else 1.0) * g
-            out[t] = g
-        returns.append(out)
-    return _loop_whiten(returns, mask)
-
-
-def _loop_gae(inp: AdvantageInput, gamma: float, lam: float, whiten: bool) -> list[list[float]]:
-    rewards, mask, _ = _rows(inp)
-    values = inp.values.tolist()
-    raw = []
-    for r, m, v in zip(rewards, mask, values):
-        next_v, last, out = 0.0, 0.0, [0.0] * len(r)
-        for t in reversed(range(len(r))):
-            if m[t]:  # observation and padding tokens are skipped entirely
-                last = r[t] + gamma * next_v - v[t] + gamma * lam * last
-                next_v = v[t]
-            out[t] = last
-        raw.append(out)
-    return _loop_whiten(raw, mask) if whiten else [[a * k for a, k in zip(ra, m)] for ra, m in zip(raw, mask)]
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize(
-    ("name", "params", "reference"),
-    [
-        ("grpo", {}, lambda inp: _loop_group_outcome(inp, "grpo")),
-        ("drgrpo", {}, lambda inp: _loop_group_outcome(inp, "drgrpo")),
-        ("rloo", {}, lambda inp: _loop_group_outcome(inp, "rloo")),
-        ("reinforce_pp_baseline", {}, lambda inp: _loop_group_outcome(inp, "reinforce_pp_baseline")),
-        ("reinforce_pp", {"gamma": 0.9}, lambda inp: _loop_reinforce_pp(inp, 0.9)),
-        ("gae", {"gamma": 0.95, "lam": 0.8, "whiten": False}, lambda inp: _loop_gae(inp, 0.95, 0.8, False)),
-        ("gae", {"gamma": 1.0, "lam": 1.0, "whiten": True}, lambda inp: _loop_gae(inp, 1.0, 1.0, True)),
-    ],
-)
-def test_vectorised_estimator_matches_loop_reference(name, params, reference, seed):
-    inp = random_batch(seed)
-    assert len(set(inp.group_ids.tolist())) >= 4
-    adv, _ = ADVANTAGES.get(name)(inp, **params)
-    assert_close(adv, torch.tensor(reference(inp)), atol=1e-5, rtol=1e-5)
-
-
 # ----------------------------------------------------------------------------- registry
 
 
 def test_registered_names():
-    assert set(ADVANTAGES) == EXPECTED_ESTIMATORS | TREE_ESTIMATORS
-    assert "ppo_clip" in POLICY_LOSSES
+    assert set(ADVANTAGES) == EXPECTED_ESTIMATORS | TREE_ESTIMATORS | TURN_ESTIMATORS
+    assert {"ppo_clip", "gspo", "cispo", "aepo", "clip_cov"} <= set(POLICY_LOSSES)
+    assert all(len(doc) > 30 for doc in ADVANTAGES.describe().values())
 
 
 def test_duplicate_name_raises():
@@ -326,7 +248,7 @@ def test_duplicate_name_raises():
         register_advantage("grpo")(lambda inp: (inp.mask, inp.mask))
     with pytest.raises(RegistryError, match="already registered"):
         register_policy_loss("ppo_clip")(lambda inp: (inp.logprobs.sum(), {}))
-    assert set(ADVANTAGES) == EXPECTED_ESTIMATORS | TREE_ESTIMATORS
+    assert set(ADVANTAGES) == EXPECTED_ESTIMATORS | TREE_ESTIMATORS | TURN_ESTIMATORS
 
 
 def test_unknown_name_lists_valid_names():

@@ -1,5 +1,5 @@
 """Policy loss, aggregation, KL, critic loss and helpers: hand-computed values (reference sections
-2.1-2.3) and gradient-accumulation / data-parallel equivalence with the full batch."""
+2.1-2.3). Gradient-accumulation and data-parallel equivalence with the full batch: test_equivalence.py."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from tirl.algorithms import (
     agg_loss,
     entropy_from_logits,
     kl_penalty,
-    loss_normalisers,
     masked_mean,
     masked_whiten,
     value_loss,
@@ -205,74 +204,6 @@ def test_agg_loss_rejects_unknown_mode_and_handles_empty_mask():
     for mode in AGG_MODES:
         empty = agg_loss(loss, torch.zeros_like(mask), mode)
         assert empty.item() == 0.0
-
-
-def random_policy_batch(seed: int, B: int = 8, T: int = 10):
-    gen = torch.Generator().manual_seed(seed)
-    mask = (torch.rand(B, T, generator=gen) > 0.3).float()
-    lengths = torch.tensor([10, 3, 7, 1, 10, 5, 2, 6])[:B]
-    mask *= (torch.arange(T)[None, :] < lengths[:, None]).float()
-    mask[2] = 0.0  # a fully masked sequence
-    logp = (-torch.rand(B, T, generator=gen) * 2).requires_grad_()
-    old = logp.detach() + 0.3 * torch.randn(B, T, generator=gen)
-    adv = torch.randn(B, T, generator=gen)
-    return logp, old, adv, mask
-
-
-def split_loss(logp, old, adv, mask, rows, mode, **normalisers):
-    """Loss of the rows `rows`, trimmed to their own padded length as a collator would."""
-    sub_mask = mask[rows]
-    used = sub_mask.sum(dim=0).nonzero()
-    T_sub = int(used.max().item()) + 1 if used.numel() else 1
-    inp = PolicyLossInput(logp[rows, :T_sub], old[rows, :T_sub], adv[rows, :T_sub], sub_mask[:, :T_sub],
-                          agg_mode=mode, **normalisers)
-    return ppo_clip(inp, clip_low=0.2, clip_high=0.28)[0]
-
-
-@pytest.mark.parametrize("mode", AGG_MODES)
-def test_gradient_accumulation_matches_full_batch(mode):
-    logp, old, adv, mask = random_policy_batch(seed=1)
-    full = ppo_clip(PolicyLossInput(logp, old, adv, mask, agg_mode=mode), clip_low=0.2, clip_high=0.28)[0]
-    (full_grad,) = torch.autograd.grad(full, logp)
-    num_tokens, num_seqs = loss_normalisers(mask)
-    normalisers = {"num_tokens": num_tokens, "num_seqs": num_seqs, "norm_constant": mask.shape[1]}
-    micro = [slice(0, 3), slice(3, 4), slice(4, 8)]
-    total = sum(split_loss(logp, old, adv, mask, rows, mode, **normalisers) for rows in micro)
-    (accum_grad,) = torch.autograd.grad(total, logp)
-    assert_close(total, full)
-    assert_close(accum_grad, full_grad)
-    assert full_grad.abs().sum() > 0
-
-
-@pytest.mark.parametrize("mode", AGG_MODES)
-def test_local_normalisers_do_not_match_full_batch(mode):
-    """The control for the test above: without global normalisers the sum is a different loss."""
-    logp, old, adv, mask = random_policy_batch(seed=1)
-    full = ppo_clip(PolicyLossInput(logp, old, adv, mask, agg_mode=mode))[0]
-    micro = [slice(0, 3), slice(3, 4), slice(4, 8)]
-    total = sum(split_loss(logp, old, adv, mask, rows, mode) for rows in micro)
-    assert not torch.allclose(total, full)
-
-
-@pytest.mark.parametrize("mode", AGG_MODES)
-def test_data_parallel_split_sums_to_full_batch_gradient(mode):
-    logp, old, adv, mask = random_policy_batch(seed=2)
-    full = agg_loss(-adv * torch.exp(logp - old), mask, mode)
-    (full_grad,) = torch.autograd.grad(full, logp)
-    # each rank counts its own tokens and sequences; an all-reduce (here a sum) makes them global
-    counts = [loss_normalisers(mask[:4]), loss_normalisers(mask[4:])]
-    num_tokens = counts[0][0] + counts[1][0]
-    num_seqs = counts[0][1] + counts[1][1]
-    losses, grads = [], []
-    for rows in (slice(0, 4), slice(4, 8)):
-        rank_logp = logp.detach()[rows].clone().requires_grad_()
-        loss = agg_loss(-adv[rows] * torch.exp(rank_logp - old[rows]), mask[rows], mode,
-                        num_tokens=num_tokens, num_seqs=num_seqs, norm_constant=float(mask.shape[1]))
-        loss.backward()
-        losses.append(loss.detach())
-        grads.append(rank_logp.grad)
-    assert_close(losses[0] + losses[1], full.detach())
-    assert_close(torch.cat(grads), full_grad)
 
 
 # ----------------------------------------------------------------------------- critic and helpers

@@ -3,6 +3,13 @@
 Pure torch functions (no other tirl imports besides the registry). Estimators and policy losses are
 looked up by name in `ADVANTAGES` and `POLICY_LOSSES`; add your own with `register_advantage` /
 `register_policy_loss`.
+
+- Advantage estimators: outcome level `grpo`, `drgrpo`, `rloo`, `reinforce_pp`,
+  `reinforce_pp_baseline`, `hdpo` and critic-based `gae` (`advantages`); turn level `igpo`,
+  `matchtir`, `mt_grpo` (`turns`, from `AdvantageInput.turn_ids`); tree level `portool` (`tree`).
+- Policy losses: `ppo_clip` (`losses`); `gspo`, `cispo`, `aepo`, `clip_cov` (`policy_losses`).
+- KL: `kl_penalty` for the loss, `kl_in_reward` for the reward; `agg_loss` and `loss_normalisers`
+  aggregate per-token losses so micro-batches add up to the full batch.
 """
 
 from tirl.algorithms.advantages import (
@@ -10,6 +17,7 @@ from tirl.algorithms.advantages import (
     drgrpo_advantages,
     gae_advantages,
     grpo_advantages,
+    hdpo_advantages,
     outcome_token_rewards,
     reinforce_pp_advantages,
     reinforce_pp_baseline_advantages,
@@ -22,6 +30,7 @@ from tirl.algorithms.losses import (
     PolicyLossInput,
     agg_loss,
     entropy_from_logits,
+    kl_in_reward,
     kl_penalty,
     loss_normalisers,
     masked_mean,
@@ -31,6 +40,15 @@ from tirl.algorithms.losses import (
     ppo_clip_loss,
     value_loss,
 )
+from tirl.algorithms.policy_losses import (
+    aepo_loss,
+    cispo_loss,
+    clip_cov_loss,
+    gspo_loss,
+    sil_advantages,
+    sil_weight,
+    token_zscore,
+)
 from tirl.algorithms.registry import ADVANTAGES, POLICY_LOSSES, register_advantage, register_policy_loss
 from tirl.algorithms.tree import (
     NeedsTreeError,
@@ -38,6 +56,14 @@ from tirl.algorithms.tree import (
     mean_over_sharing_rows,
     owner_mask,
     portool_advantages,
+)
+from tirl.algorithms.turns import (
+    TurnTable,
+    igpo_advantages,
+    information_gain_rewards,
+    matchtir_advantages,
+    mt_grpo_advantages,
+    turn_table,
 )
 
 __all__ = [
@@ -49,18 +75,29 @@ __all__ = [
     "AdvantageInput",
     "PolicyLossInput",
     "TreeStructure",
+    "TurnTable",
+    "aepo_loss",
     "agg_loss",
+    "cispo_loss",
+    "clip_cov_loss",
     "drgrpo_advantages",
     "entropy_from_logits",
     "gae_advantages",
     "grpo_advantages",
+    "gspo_loss",
+    "hdpo_advantages",
+    "igpo_advantages",
+    "information_gain_rewards",
+    "kl_in_reward",
     "kl_penalty",
     "loss_normalisers",
     "masked_mean",
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "matchtir_advantages",
     "mean_over_sharing_rows",
+    "mt_grpo_advantages",
     "owner_mask",
     "outcome_token_rewards",
     "portool_advantages",
@@ -71,5 +108,9 @@ __all__ = [
     "reinforce_pp_baseline_advantages",
     "rloo_advantages",
     "scores_from_token_rewards",
+    "sil_advantages",
+    "sil_weight",
+    "token_zscore",
+    "turn_table",
     "value_loss",
 ]

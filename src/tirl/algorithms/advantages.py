@@ -6,9 +6,10 @@ Pure torch functions registered by name in `ADVANTAGES`; each has the signature
 set of rows sharing a `group_ids` value: the samples of one prompt. Formulas and test values are
 those of reference section 1.3 and 2.4 (verl `core_algos.py`).
 
-Outcome estimators (`grpo`, `drgrpo`, `rloo`, `reinforce_pp_baseline`) score a row by the sum of
-its token rewards, `R_i = sum_t token_rewards[i, t]`, and broadcast one advantage to every mask==1
-token of the row; their `returns` equal the advantages (as verl). Estimators do not track gradients.
+Outcome estimators (`grpo`, `drgrpo`, `rloo`, `reinforce_pp_baseline`, `hdpo`) score a row by the
+sum of its token rewards, `R_i = sum_t token_rewards[i, t]`, and broadcast one advantage to every
+mask==1 token of the row; their `returns` equal the advantages (as verl). Estimators do not track
+gradients. Turn-level estimators live in `tirl.algorithms.turns`, tree-level ones in `tirl.algorithms.tree`.
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ class AdvantageInput:
     """(B, T) int64: the index of the turn (0-based) that sampled each mask==1 token, -1 elsewhere.
     Turn-level estimators (MT-GRPO, IGPO, MatchTIR) need it; turn rewards sit on each turn's last
     sampled token of `token_rewards`."""
+    correct: Tensor | None = None
+    """(B,) float: 1.0 where the row's answer is right, 0.0 where wrong, NaN where the reward cannot
+    tell. Needed by estimators that treat correct rows apart (HDPO)."""
+    tool_calls: Tensor | None = None
+    """(B,) float: the number of tool calls the row made (HDPO's efficiency channel)."""
 
     def __post_init__(self) -> None:
         shape = tuple(self.token_rewards.shape)
@@ -58,6 +64,10 @@ class AdvantageInput:
             raise ValueError(f"AdvantageInput.values must match token_rewards {shape}, got {tuple(self.values.shape)}")
         if self.turn_ids is not None and tuple(self.turn_ids.shape) != shape:
             raise ValueError(f"AdvantageInput.turn_ids must match token_rewards {shape}, got {tuple(self.turn_ids.shape)}")
+        for name in ("correct", "tool_calls"):
+            value = getattr(self, name)
+            if value is not None and tuple(value.shape) != shape[:1]:
+                raise ValueError(f"AdvantageInput.{name} must be ({shape[0]},), got {tuple(value.shape)}")
         if self.tree is not None and tuple(self.tree.node_B_T.shape) != shape:
             raise ValueError(f"AdvantageInput.tree.node_B_T must match token_rewards {shape}, "
                              f"got {tuple(self.tree.node_B_T.shape)}")
@@ -220,3 +230,51 @@ def gae_advantages(
     returns_B_T = (raw_B_T + values_B_T) * mask_B_T
     adv_B_T = masked_whiten(raw_B_T, mask_B_T) if whiten else raw_B_T
     return adv_B_T * mask_B_T, returns_B_T
+
+
+gae_advantages.needs_values = True
+"""Estimators marked `needs_values` get critic values: the trainer runs a value head for them."""
+
+
+def require_fields(inp: AdvantageInput, estimator: str, *names: str) -> None:
+    """Raise ValueError naming the `AdvantageInput` fields an estimator needs but got as None."""
+    missing = [n for n in names if getattr(inp, n) is None]
+    if missing:
+        fields = ", ".join(f"AdvantageInput.{n}" for n in missing)
+        raise ValueError(f"the {estimator!r} advantage estimator needs {fields}, which the batch does not provide")
+
+
+@register_advantage("hdpo")
+@torch.no_grad()
+def hdpo_advantages(inp: AdvantageInput, *, weight: float = 0.5, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """HDPO (Act Wisely): GRPO accuracy advantage + weight * 1[correct] * z(-tool calls) among a group's correct rows.
+
+    `A_i = A_acc_i + w * 1[correct_i] * z_i` (reference 3.8 [R]), broadcast over mask==1 tokens:
+    `A_acc` is the GRPO advantage of the row score `R_i` (the reward should be the accuracy itself,
+    with no tool penalty folded in), and `z_i = (-tc_i - mean_c(-tc)) / (std_c(-tc) + eps)` over the
+    correct rows c of row i's group (unbiased std; `tc` = `inp.tool_calls`). `z = 0` where a group has
+    fewer than two correct rows or they all made the same number of calls; wrong rows and rows of
+    unknown correctness (NaN) get no efficiency term. Hand value: correct=[1,1,0], tc=[1,3,5] ->
+    z = [+0.7071, -0.7071, none]. Needs `inp.correct` and `inp.tool_calls` (ValueError when missing,
+    malformed, or when no row's correctness is known). Returns equal the advantages.
+    """
+    require_fields(inp, "hdpo", "correct", "tool_calls")
+    correct_B = inp.correct.to(torch.float32)
+    calls_B = inp.tool_calls.to(torch.float32)
+    known_B = ~torch.isnan(correct_B)
+    if not bool(((correct_B == 0) | (correct_B == 1) | ~known_B).all()):
+        raise ValueError(f"hdpo: AdvantageInput.correct must hold 1, 0 or NaN, got {correct_B.tolist()}")
+    if correct_B.numel() and not bool(known_B.any()):
+        raise ValueError("hdpo: the reward told the correctness of no row (AdvantageInput.correct is all NaN); "
+                         "HDPO needs a reward that sets `correct`")
+    if not bool(torch.isfinite(calls_B).all()):
+        raise ValueError(f"hdpo: AdvantageInput.tool_calls must be finite, got {calls_B.tolist()}")
+    centred_B, std_B, _ = _group_stats(scores_from_token_rewards(inp.token_rewards), inp.group_ids)
+    acc_B = centred_B / (std_B + eps)
+    is_correct_B = correct_B == 1
+    efficiency_B = torch.zeros_like(acc_B)
+    if bool(is_correct_B.any()):
+        c_centred, c_std, c_size = _group_stats(-calls_B[is_correct_B], inp.group_ids[is_correct_B])
+        efficiency_B[is_correct_B] = torch.where(c_size > 1, c_centred / (c_std + eps), torch.zeros_like(c_centred))
+    adv_B_T = _broadcast(acc_B + weight * efficiency_B, inp.mask)
+    return adv_B_T, adv_B_T.clone()

@@ -183,9 +183,13 @@ class PolicyLossInput:
     """Global count of non-empty sequences of the mini-batch (see `agg_loss`); None: this batch's."""
     norm_constant: Normaliser = None
     """C of `seq-mean-token-sum-norm` (see `agg_loss`); None: this batch's padded length T."""
+    entropy: Tensor | None = None
+    """(B, T) entropy (nats) of the current policy at each position, for entropy-aware losses (AEPO);
+    treated as a constant (no gradient flows through it). None when the trainer did not compute it."""
 
     def __post_init__(self) -> None:
-        shapes = {name: tuple(getattr(self, name).shape) for name in ("logprobs", "old_logprobs", "advantages", "mask")}
+        names = ("logprobs", "old_logprobs", "advantages", "mask") + (("entropy",) if self.entropy is not None else ())
+        shapes = {name: tuple(getattr(self, name).shape) for name in names}
         if len(set(shapes.values())) != 1 or len(shapes["logprobs"]) != 2:
             raise ValueError(f"PolicyLossInput tensors must all be (B, T) with one shape; got {shapes}")
         if self.agg_mode not in AGG_MODES:
@@ -272,6 +276,25 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str) -> Tensor:
         return forward
     k2 = 0.5 * diff.square()
     return k2 - k2.detach() + forward.detach()
+
+
+@torch.no_grad()
+def kl_in_reward(
+    token_rewards: Tensor, old_logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, coef: float, kind: str = "k1"
+) -> Tensor:
+    """KL in the reward (reference 2.2, PPO / REINFORCE++ placement): `r_t - coef * KL_t` on mask==1 tokens.
+
+    `KL_t = kl_penalty(old_logprobs, ref_logprobs, kind)`: the behaviour policy that sampled the
+    tokens against the reference policy (k1: `old_logp - ref_logp`). All `(B, T)`; returns float32
+    `(B, T)` rewards, unchanged where mask == 0 (a non-finite log-prob there is ignored). No gradient.
+    """
+    if not token_rewards.shape == old_logprobs.shape == ref_logprobs.shape == mask.shape:
+        raise ValueError(f"kl_in_reward: token_rewards {tuple(token_rewards.shape)}, old_logprobs "
+                         f"{tuple(old_logprobs.shape)}, ref_logprobs {tuple(ref_logprobs.shape)} and mask "
+                         f"{tuple(mask.shape)} must share one shape")
+    rewards = token_rewards.to(torch.float32)
+    kl = kl_penalty(old_logprobs.to(torch.float32), ref_logprobs.to(torch.float32), kind)
+    return torch.where(mask.bool(), rewards - coef * kl, rewards)
 
 
 def value_loss(
