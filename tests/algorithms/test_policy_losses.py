@@ -1,5 +1,5 @@
-"""GSPO, CISPO, AEPO (4.5), Clip-Cov (4.5 note), SPEAR replay helpers (4.3) and KL in the reward (2.2):
-hand-computed values, gradients included."""
+"""GSPO, CISPO, AEPO (4.5), Clip-Cov (4.5 note) and KL in the reward (2.2): hand-computed values,
+gradients included."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from tirl.algorithms import (POLICY_LOSSES, PolicyLossInput, kl_in_reward, sil_advantages, sil_weight,
-                             token_zscore)
+from tirl.algorithms import POLICY_LOSSES, PolicyLossInput, kl_in_reward, token_zscore
 
 METRIC_NAMES = {"pg_clipfrac", "pg_clipfrac_lower", "ppo_kl", "ratio_mean"}
 
@@ -216,7 +215,7 @@ def test_new_losses_are_registered_with_descriptions():
         assert len(described[name]) > 30
 
 
-# ----------------------------------------------------------------------------- KL in the reward, SPEAR replay
+# ----------------------------------------------------------------------------- KL in the reward
 
 
 def test_kl_in_reward_reference_value():
@@ -233,16 +232,3 @@ def test_kl_in_reward_reference_value():
         kl_in_reward(rewards, old, ref[:, :2], mask, 0.001)
     with pytest.raises(ValueError, match="low_var_kl"):
         kl_in_reward(rewards, old, ref, mask, 0.001, "k9")
-
-
-def test_sil_advantage_recalibration_and_weight_schedule():
-    """4.3: D_R = [0, 0, 1, 1, 1] -> P50 = 1; R = 1 -> A~ = 0 (dropped), R = 2 -> 1 (kept).
-    beta(0) = 0, beta(T/2) = coef/2, beta(T) = beta(2T) = coef."""
-    adv, keep = sil_advantages(torch.tensor([1.0, 2.0, 0.5]), torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0]))
-    assert_close(adv, torch.tensor([0.0, 1.0, -0.5]))
-    assert keep.tolist() == [False, True, False]
-    assert sil_weight(0, 0.5, 200) == 0.0
-    assert math.isclose(sil_weight(100, 0.5, 200), 0.25)
-    assert sil_weight(200, 0.5, 200) == 0.5 == sil_weight(400, 0.5, 200) == sil_weight(3, 0.5, 0)
-    with pytest.raises(ValueError, match="empty"):
-        sil_advantages(torch.tensor([1.0]), torch.tensor([]))

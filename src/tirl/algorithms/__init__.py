@@ -45,8 +45,6 @@ from tirl.algorithms.policy_losses import (
     cispo_loss,
     clip_cov_loss,
     gspo_loss,
-    sil_advantages,
-    sil_weight,
     token_zscore,
 )
 from tirl.algorithms.registry import ADVANTAGES, POLICY_LOSSES, register_advantage, register_policy_loss
@@ -108,8 +106,6 @@ __all__ = [
     "reinforce_pp_baseline_advantages",
     "rloo_advantages",
     "scores_from_token_rewards",
-    "sil_advantages",
-    "sil_weight",
     "token_zscore",
     "turn_table",
     "value_loss",

@@ -1,4 +1,4 @@
-"""Policy losses beyond PPO's clipped surrogate: GSPO, CISPO, AEPO, Clip-Cov, and SPEAR's replay helpers.
+"""Policy losses beyond PPO's clipped surrogate: GSPO, CISPO, AEPO and Clip-Cov.
 
 Same contract as `ppo_clip` (`tirl.algorithms.losses`): `fn(inp: PolicyLossInput, **params) ->
 (loss, metrics)`, the per-token loss aggregated by `inp.aggregate` (mode and global normalisers, so
@@ -11,11 +11,12 @@ Two terms are local to the batch the loss sees, by their definition: AEPO's entr
 micro-batch's tokens) and Clip-Cov's covariance selection (micro-batch means, a count proportional to
 its tokens, random choice). Everything else is per token or per row, so splitting a mini-batch into
 micro-batches or data-parallel shards with global normalisers gives the same loss and gradient.
+
+SPEAR's self-imitation term is not a loss of its own: it is a policy loss on replayed rows with
+recalibrated advantages, weighted by a warm-up schedule, which the trainer's replay buffer adds.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import Tensor
@@ -230,35 +231,3 @@ def clip_cov_loss(
     metrics = _metrics(log_ratio, ratio, inp.mask, ppo_clipped, torch.zeros_like(dropped))
     metrics["clip_cov_frac"] = masked_mean(dropped.float(), inp.mask)
     return inp.aggregate(loss_B_T), metrics
-
-
-# --------------------------------------------------------------------------------------------
-# SPEAR self-imitation (replay): the loss is `ppo_clip` on replay rows; these give its inputs
-
-
-def sil_advantages(rewards_B: Tensor, reward_history: Tensor, percentile: float = 50.0) -> tuple[Tensor, Tensor]:
-    """SPEAR advantage recalibration (reference 4.3): `A~ = R - P_percentile(D_R)`, and which rows to keep (`A~ > 0`).
-
-    `reward_history` is D_R, the recent rewards (SPEAR: the last 10240); the percentile interpolates
-    linearly (as numpy). Hand value: D_R = [0, 0, 1, 1, 1] -> P50 = 1, so R = 1 gives A~ = 0 and is
-    dropped. Returns float32 `(B,)` advantages and `(B,)` bool keep.
-    """
-    if reward_history.numel() == 0:
-        raise ValueError("sil_advantages: the reward history is empty")
-    if not 0.0 <= percentile <= 100.0:
-        raise ValueError(f"sil_advantages: percentile must be in [0, 100], got {percentile}")
-    baseline = torch.quantile(reward_history.to(torch.float32).flatten(), percentile / 100.0)
-    adv_B = rewards_B.to(torch.float32) - baseline
-    return adv_B, adv_B > 0
-
-
-def sil_weight(step: int, coef: float, warmup_steps: int) -> float:
-    """SPEAR replay-loss weight `beta(s) = coef * (1 - cos(pi * min(s, T) / T)) / 2` (cosine warm-up over T steps).
-
-    `beta(0) = 0`, `beta(T) = coef`, constant after; `warmup_steps=0` gives `coef` at once.
-    """
-    if warmup_steps < 0 or step < 0:
-        raise ValueError(f"sil_weight: step and warmup_steps must be >= 0, got {step} and {warmup_steps}")
-    if warmup_steps == 0:
-        return float(coef)
-    return float(coef) * (1.0 - math.cos(math.pi * min(step, warmup_steps) / warmup_steps)) / 2.0
