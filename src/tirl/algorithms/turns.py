@@ -119,7 +119,7 @@ def _grpo_rows(scores_B: Tensor, group_ids_B: Tensor, eps: float) -> Tensor:
 @torch.no_grad()
 def igpo_advantages(inp: AdvantageInput, *, gamma: float = 1.0, separate: bool = False,
                     eps: float = 1e-6) -> tuple[Tensor, Tensor]:
-    """IGPO (information-gain turn rewards): z-score a group's turn rewards jointly, A_k = sum_{k'>=k} gamma^(k'-k) z_k'.
+    """IGPO (information-gain turn rewards): group-wise z-scored turn rewards, A_k = sum_{k'>=k} gamma^(k'-k) z_k'.
 
     Reference 4.4.
 
