@@ -7,16 +7,8 @@ import math
 import pytest
 import torch
 
-from tirl.trainer.info_gain import answer_beliefs, information_gain_rewards, with_information_gain
+from tirl.trainer.info_gain import answer_beliefs, with_information_gain
 from tirl.types import StopReason, Trajectory, TrajectoryGroup, TrajectoryMeta, Turn
-
-
-def test_reference_turn_rewards():
-    """Reference 4.4: p = [0.1, 0.3, 0.25], final F1 = 1 -> turn rewards [0.2, -0.05, 1.0]."""
-    assert information_gain_rewards([0.1, 0.3, 0.25], 1.0) == pytest.approx((0.2, -0.05, 1.0))
-    assert information_gain_rewards([0.4], 0.0) == (0.0,)
-    with pytest.raises(ValueError, match="at least one turn"):
-        information_gain_rewards([], 1.0)
 
 
 def _traj(task_id: str = "q") -> Trajectory:
@@ -49,8 +41,6 @@ def test_beliefs_are_teacher_forced_gold_probabilities(tiny_model_dir):
     got = answer_beliefs(model, [_traj(), _traj()], [answer, answer], micro_batch_size=3)
     want = [_belief(model, [5, 6, 7], answer), _belief(model, [5, 6, 7, 10, 11, 12, 13], answer)]
     assert got[0] == pytest.approx(want, rel=1e-4) and got[1] == pytest.approx(want, rel=1e-4)
-    logs = answer_beliefs(model, [_traj()], [answer], log_space=True)[0]
-    assert logs == pytest.approx([math.log(w) for w in want], rel=1e-4)
 
 
 def test_groups_get_turn_rewards_summing_to_the_reward(tiny_model_dir):
@@ -63,5 +53,7 @@ def test_groups_get_turn_rewards_summing_to_the_reward(tiny_model_dir):
     assert t.reward == pytest.approx(sum(t.turn_rewards)) and t.correct is True
     assert t.reward_components["info_gain"] == pytest.approx(beliefs[1] - beliefs[0], rel=1e-5)
     assert metrics["igpo/info_gain_mean"] == pytest.approx(beliefs[1] - beliefs[0], rel=1e-5)
+    logged, _ = with_information_gain(model, groups, lambda task_id: "ab", lambda text: [30, 31], log_space=True)
+    assert logged[0].trajectories[0].turn_rewards[0] == pytest.approx(math.log(beliefs[1] / beliefs[0]), rel=1e-5)
     with pytest.raises(ValueError, match="empty gold answer"):
         with_information_gain(model, groups, lambda task_id: "", lambda text: [])

@@ -10,8 +10,8 @@ brought; the final turn earns the outcome reward. The turn rewards sum to
 pass per turn, no gradient. The `igpo` advantage estimator then normalises the turn rewards within
 each group and sums them over the remaining turns.
 
-`p` is measured in probability space (the reference's default) or, with `log_space`, as the mean
-log-probability (`IG = log p_after - log p_before`), as a later port does.
+Gains are measured in probability space (the reference's default) or, with `log_space`, as
+`log p_after - log p_before`, as a later port does (`tirl.algorithms.turns.information_gain_rewards`).
 """
 
 from __future__ import annotations
@@ -22,23 +22,14 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from tirl.algorithms.turns import information_gain_rewards
 from tirl.trainer.forward import response_logprobs
 from tirl.types import Trajectory, TrajectoryGroup
 
 
-def information_gain_rewards(beliefs: Sequence[float], outcome: float) -> tuple[float, ...]:
-    """Turn rewards of a trajectory of `len(beliefs)` turns: `beliefs[t]` is p before turn t (so
-    beliefs[0] is p given the prompt alone); turn t < last earns `beliefs[t+1] - beliefs[t]`, the last
-    turn earns `outcome`."""
-    if not beliefs:
-        raise ValueError("information gain needs at least one turn")
-    return tuple(b - a for a, b in zip(beliefs, beliefs[1:])) + (float(outcome),)
-
-
 @torch.no_grad()
 def answer_beliefs(model, trajs: Sequence[Trajectory], answer_ids: Sequence[Sequence[int]], *,
-                   compute_dtype: torch.dtype = torch.float32, micro_batch_size: int = 8,
-                   log_space: bool = False) -> list[list[float]]:
+                   compute_dtype: torch.dtype = torch.float32, micro_batch_size: int = 8) -> list[list[float]]:
     """For each trajectory, p before each of its turns (the context: the prompt, then everything up
     to the end of the previous turn's observations). `answer_ids[i]` are the gold answer's tokens for
     trajectory i. Returns one list per trajectory, of length `len(turns)`."""
@@ -59,7 +50,7 @@ def answer_beliefs(model, trajs: Sequence[Trajectory], answer_ids: Sequence[Sequ
         scored = response_logprobs(model, chunk_c, chunk_a, [[1] * len(a) for a in chunk_a],
                                    compute_dtype=compute_dtype)
         mean_B = (scored.logprobs * scored.mask).sum(-1) / scored.mask.sum(-1)
-        values += [float(v) if log_space else math.exp(float(v)) for v in mean_B.cpu()]
+        values += [math.exp(float(v)) for v in mean_B.cpu()]
     out: list[list[float]] = [[] for _ in trajs]
     for i, v in zip(owner, values):
         out[i].append(v)
@@ -78,14 +69,14 @@ def with_information_gain(model, groups: Sequence[TrajectoryGroup], answer_text:
         return list(groups), {}
     answer_ids = [encode(answer_text(t.meta.task_id)) for t in trajs]
     beliefs = answer_beliefs(model, trajs, answer_ids, compute_dtype=compute_dtype,
-                             micro_batch_size=micro_batch_size, log_space=log_space)
+                             micro_batch_size=micro_batch_size)
     gains: list[float] = []
     scored = iter(beliefs)
     out = []
     for g in groups:
         new = []
         for t in g.trajectories:
-            turn_rewards = information_gain_rewards(next(scored), t.reward)
+            turn_rewards = tuple(information_gain_rewards(next(scored), t.reward, log_space=log_space))
             gain = sum(turn_rewards[:-1])
             gains += list(turn_rewards[:-1])
             new.append(t.with_reward(sum(turn_rewards), {**t.reward_components, "info_gain": gain}, t.correct,
