@@ -92,9 +92,17 @@ def test_weighted_sum_rejects_bad_terms(terms, message):
         run({"name": "weighted_sum", "kwargs": {"terms": terms}}, RIGHT)
 
 
-def test_unknown_part_reward_names_it():
-    with pytest.raises(KeyError, match="no_such_reward"):
-        run({"name": "weighted_sum", "kwargs": {"terms": ["no_such_reward"]}}, RIGHT)
+def test_unknown_part_reward_names_it_at_bind():
+    """Nested specs are checked when the reward is bound (preflight), not at the first scoring."""
+    with pytest.raises(ValueError, match="term 't0': unknown reward 'no_such_reward'"):
+        bind({"name": "weighted_sum", "kwargs": {"terms": ["no_such_reward"]}}, "arithmetic")
+    with pytest.raises(ValueError, match="term 'fmt': reward 'format_tags' has no parameter 'bogus'"):
+        bind({"name": "product", "kwargs": {"terms": [{"reward": {"name": "format_tags", "kwargs": {"bogus": 1}},
+                                                      "name": "fmt"}]}}, "arithmetic")
+    with pytest.raises(ValueError, match="parameter 'base': unknown reward 'nope'"):
+        bind({"name": "otc_grpo", "kwargs": {"base": "nope"}}, "arithmetic")
+    with pytest.raises(ValueError, match="needs the parameter 'max_length'"):
+        bind("dapo_overlong", "arithmetic")
 
 
 def test_unknown_parameter_fails_at_bind():

@@ -86,16 +86,30 @@ def resolve(spec: RewardSpec, task_reward: str = "") -> tuple[str, RewardFn, dic
     return name, REWARDS.get(name), params
 
 
-def check_params(name: str, fn: RewardFn, params: Mapping[str, Any]) -> None:
-    """Raise `ValueError` naming any parameter the reward function does not take."""
+def check_params(name: str, fn: RewardFn, params: Mapping[str, Any], task_reward: str = "") -> None:
+    """Raise `ValueError` naming a parameter the reward function does not take or needs and lacks;
+    check nested reward specs (parameters annotated `RewardSpec`) the same way, and run the function's
+    own `validate(params, task_reward)` hook where it has one (composed rewards, judge settings), so
+    that a bad recipe fails before any work starts."""
     sig = inspect.signature(fn)
-    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
-        return
-    accepted = [n for n, p in list(sig.parameters.items())[3:] if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    bad = sorted(set(params) - set(accepted))
-    if bad:
-        raise ValueError(f"reward {name!r} has no parameter {bad[0]!r}; its parameters: "
-                         f"{', '.join(accepted) or '(none)'}")
+    named = [(n, p) for n, p in list(sig.parameters.items())[3:] if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        bad = sorted(set(params) - {n for n, _ in named})
+        if bad:
+            raise ValueError(f"reward {name!r} has no parameter {bad[0]!r}; its parameters: "
+                             f"{', '.join(n for n, _ in named) or '(none)'}")
+    missing = [n for n, p in named if p.default is p.empty and n not in params]
+    if missing:
+        raise ValueError(f"reward {name!r} needs the parameter {missing[0]!r} (task.reward_kwargs.{missing[0]})")
+    for n, p in named:
+        if n in params and "RewardSpec" in str(p.annotation):
+            try:
+                bind(params[n], task_reward)
+            except (RegistryError, ValueError) as e:
+                raise ValueError(f"reward {name!r}, parameter {n!r}: {e}") from None
+    validate = getattr(fn, "validate", None)
+    if validate is not None:
+        validate(params, task_reward)
 
 
 @dataclass(frozen=True)
@@ -118,7 +132,7 @@ class BoundReward:
 def bind(spec: RewardSpec, task_reward: str = "") -> BoundReward:
     """The reward function of a spec with its parameters bound (checked against its signature)."""
     name, fn, params = resolve(spec, task_reward)
-    check_params(name, fn, params)
+    check_params(name, fn, params, task_reward)
     return BoundReward(name, fn, params, task_reward)
 
 

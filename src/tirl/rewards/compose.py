@@ -22,7 +22,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tirl.rewards.base import REWARDS, GroupContext, RewardResult, RewardSpec, call_reward
+from tirl.registry import RegistryError
+from tirl.rewards.base import REWARDS, GroupContext, RewardResult, RewardSpec, bind, call_reward
 from tirl.tasks.base import Problem
 from tirl.types import Trajectory
 
@@ -202,3 +203,20 @@ async def gate(trajectory: Trajectory, problem: Problem, group: GroupContext, *,
     components.update({"reward": paid.total, **prefixed(paid.components, "reward")})
     correct = gate_result.correct if gate_result.correct is not None else paid.correct
     return RewardResult(paid.total, components, correct, paid.turn_rewards)
+
+
+def _terms_validator(who: str, weighted: bool):
+    """`validate` hook (see `tirl.rewards.base.check_params`): the terms and every term's spec."""
+
+    def validate(params: Mapping[str, Any], task_reward: str) -> None:
+        for term in parse_terms(params.get("terms", ()), who, weighted):
+            try:
+                bind(term.spec, task_reward)
+            except (RegistryError, ValueError) as e:
+                raise ValueError(f"{who}: term {term.label!r}: {e}") from None
+
+    return validate
+
+
+weighted_sum.validate = _terms_validator("weighted_sum", weighted=True)  # type: ignore[attr-defined]
+product.validate = _terms_validator("product", weighted=False)  # type: ignore[attr-defined]

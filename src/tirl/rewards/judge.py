@@ -416,3 +416,14 @@ async def cm2_checklist(trajectory: Trajectory, problem: Problem, group: GroupCo
     met = sum(1 for k in first if k is not None)
     components = {"checklist": total, "criteria_met": met / len(criteria), "judge_failed": float(failed)}
     return RewardResult(total, components, None, tuple(turn_rewards) if n_turns else None)
+
+
+def _validate_judge(params: Mapping[str, Any], task_reward: str) -> None:
+    """`validate` hook (see `tirl.rewards.base.check_params`): a judge given as settings is checked
+    before any work starts (`judge_config`); building it waits for the first call."""
+    if isinstance(params.get("judge"), Mapping):
+        judge_config(params["judge"])
+
+
+judge_rubric.validate = _validate_judge  # type: ignore[attr-defined]
+cm2_checklist.validate = _validate_judge  # type: ignore[attr-defined]

@@ -113,17 +113,13 @@ def _plus(base: RewardResult, added: float, extra: dict[str, float], trajectory:
 
 @REWARDS.register("dapo_overlong")
 async def dapo_overlong(trajectory: Trajectory, problem: Problem, group: GroupContext, *, base: RewardSpec = "task",
-                        max_length: int | None = None, cache_length: int | None = None,
-                        penalty_factor: float = 1.0) -> RewardResult:
+                        max_length: int, cache_length: int, penalty_factor: float = 1.0) -> RewardResult:
     """DAPO overlong shaping: R = base + min(-(|y| - (L_max - L_cache)) / L_cache * factor, 0).
 
     |y| = tokens the policy sampled (sum of the loss mask; tool observations are not counted).
-    `max_length` (L_max, e.g. rollout.max_new_tokens) and `cache_length` (L_cache) must be given.
-    Component `overlong`.
+    `max_length` (L_max, e.g. rollout.max_new_tokens) and `cache_length` (L_cache, the soft-punishment
+    buffer) must be given (a recipe without them is refused before any work starts). Component `overlong`.
     """
-    if max_length is None or cache_length is None:
-        raise ValueError("dapo_overlong needs max_length (L_max, e.g. rollout.max_new_tokens) and cache_length "
-                         "(L_cache, the soft-punishment buffer) in task.reward_kwargs")
     penalty = overlong_penalty(trajectory.num_sampled_tokens, max_length, cache_length, penalty_factor)
     base_result = await call_reward(base, trajectory, problem, group)
     return _plus(base_result, penalty, {"overlong": penalty}, trajectory, "dapo_overlong")
