@@ -189,6 +189,43 @@ class BackendConfig(_Section):
     vllm: VLLMBackendConfig = VLLMBackendConfig()
 
 
+class CriticConfig(_Section):
+    """PPO critic (reference 1.3, 2.4): a scalar value head (a linear layer) on the policy's final hidden
+    states (shared trunk), trained with the clipped value loss."""
+
+    enabled: Literal["auto"] | bool = Field("auto", description=(
+        "auto: on when the advantage estimator needs values (gae); true: on for any estimator (it gets "
+        "AdvantageInput.values); false: off (an error with an estimator that needs values)."))
+    coef: float = Field(0.1, gt=0, description="Weight of the critic loss in the total loss (its gradient also "
+                                               "reaches the shared trunk).")
+    lr: float | None = Field(None, gt=0, description="Learning rate of the value head (default: 5x rl.optim.lr; "
+                                                     "same schedule). The trunk learns at rl.optim.lr.")
+    clip: float | None = Field(0.5, gt=0, description="cliprange_value: the loss also scores V clipped to V_old "
+                                                      "+- clip and takes the larger (None: no clipping).")
+    warmup_steps: int = Field(0, ge=0, description="First RL steps that train only the value head (trunk "
+                                                   "detached; the policy is not updated).")
+
+
+class ReplayConfig(_Section):
+    """SPEAR self-imitation replay (reference 4.3): good past trajectories trained on again, with a
+    recalibrated advantage and a cosine warm-up of their weight."""
+
+    enabled: bool = False
+    threshold: float = Field(1.0, description="Store on-policy trajectories whose advantage (mean over their "
+                                              "trained tokens) exceeds this (SPEAR: 1).")
+    size: int = Field(2048, ge=1, description="Capacity; the oldest entries go first (FIFO).")
+    tolerate_steps: int = Field(10, ge=0, description="Drop entries stored more than this many policy versions "
+                                                      "(RL steps) ago.")
+    reward_window: int = Field(10240, ge=1, description="D_R: the last N on-policy rewards; a replayed row gets "
+                                                        "A = R - P50(D_R) and is used only when A > 0.")
+    batch_size: int | None = Field(None, ge=1, description="Entries sampled per step (default: the on-policy "
+                                                           "batch size).")
+    coef: float = Field(1.0, gt=0, description="beta(s) = coef * (1 - cos(pi s / warmup_steps)) / 2, then coef: "
+                                               "the replay loss weight.")
+    warmup_steps: int = Field(200, ge=0, description="T of the cosine warm-up of beta (SPEAR: 100-300; 0: coef "
+                                                     "from the start).")
+
+
 class AlgorithmConfig(_Section):
     advantage: str = Field("grpo", description="Advantage estimator (see `tirl algos`).")
     advantage_kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -196,11 +233,32 @@ class AlgorithmConfig(_Section):
     loss_kwargs: dict[str, Any] = Field(default_factory=dict)
     aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
                          "seq-mean-token-sum-norm"] = "token-mean"
-    kl_coef: float = Field(0.0, ge=0.0, description="KL-to-reference weight in the loss (0: no reference model).")
+    kl_coef: float = Field(0.0, ge=0.0, description="KL-to-reference weight (0: no reference model).")
     kl_estimator: str = Field("k3", description="k1, k2, k3, abs, with optional '+' (straight-through).")
+    kl_placement: Literal["loss", "reward"] = Field("loss", description=(
+        "loss: kl_coef * agg(KL(pi || ref)) is added to the loss (GRPO); reward: r_t -= kl_coef * "
+        "KL(old || ref)_t on every sampled token before the advantage estimator (PPO, REINFORCE++; "
+        "kl_estimator=k1 gives old_logp - ref_logp)."))
+    reference: Literal["auto", "copy", "lora_base"] = Field("auto", description=(
+        "The KL reference: copy (a frozen copy of the starting weights), lora_base (the policy with its LoRA "
+        "adapter switched off: no second model), auto (lora_base when model.lora.enabled, else copy)."))
     entropy_coef: float = Field(0.0, description="Entropy bonus weight (0: entropy only logged).")
     epochs: int = Field(1, ge=1, description="Passes over each rollout batch.")
     minibatches: int = Field(1, ge=1, description="Optimizer steps per pass.")
+    critic: CriticConfig = CriticConfig()
+    replay: ReplayConfig = ReplayConfig()
+
+    @model_validator(mode="after")
+    def _no_idle_keys(self) -> AlgorithmConfig:
+        if self.kl_coef == 0:
+            for key, default in (("kl_placement", "loss"), ("reference", "auto")):
+                if getattr(self, key) != default:
+                    raise ValueError(f"algorithm.{key} has no effect while algorithm.kl_coef is 0")
+        if not self.replay.enabled and self.replay != ReplayConfig():
+            raise ValueError("algorithm.replay.* has no effect unless algorithm.replay.enabled=true")
+        if self.critic.enabled is False and self.critic != CriticConfig(enabled=False):
+            raise ValueError("algorithm.critic.* has no effect while algorithm.critic.enabled=false")
+        return self
 
 
 class OptimConfig(_Section):

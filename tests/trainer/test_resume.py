@@ -1,5 +1,6 @@
 """Killing `tirl train` mid-run and re-running the same command resumes from the last checkpoint and
-retraces the uninterrupted run step for step (DESIGN.md invariant 6).
+retraces the uninterrupted run step for step (DESIGN.md invariant 6), also with a critic, a replay
+buffer and in-reward KL.
 
 Uses a tiny random model and a reward that varies on its random outputs, so every step really
 changes the weights and every later step depends on the restored state.
@@ -54,18 +55,20 @@ def _rl_steps_logged(run_dir: Path) -> int:
     return sum(1 for line in path.read_text().splitlines() if '"stage": "rl"' in line)
 
 
-def test_kill_and_resume_matches_uninterrupted(tmp_path, tiny_model_dir):
+def _kill_and_resume(tmp_path: Path, cmd: list[str], kill_after: int) -> tuple[Path, Path, str]:
+    """Run `cmd` straight through in `a/`; in `b/`, kill it (SIGKILL) once `kill_after` RL steps are logged
+    and run it again. Returns both run directories and the resumed run's output."""
     env = _env(tmp_path)
     straight, interrupted = tmp_path / "a", tmp_path / "b"
     straight.mkdir()
     interrupted.mkdir()
-    subprocess.run(_command(tiny_model_dir), cwd=straight, env=env, check=True, capture_output=True, timeout=600)
+    subprocess.run(cmd, cwd=straight, env=env, check=True, capture_output=True, timeout=600)
 
-    proc = subprocess.Popen(_command(tiny_model_dir), cwd=interrupted, env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, cwd=interrupted, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     run_dir = interrupted / "runs" / "default"
     deadline = time.monotonic() + 600
-    while _rl_steps_logged(run_dir) < 3:
+    while _rl_steps_logged(run_dir) < kill_after:
         assert proc.poll() is None, "the run ended before it could be killed"
         assert time.monotonic() < deadline
         time.sleep(0.05)
@@ -73,18 +76,42 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, tiny_model_dir):
     proc.wait()
     assert not (run_dir / "models" / "final").exists()
 
-    resumed = subprocess.run(_command(tiny_model_dir), cwd=interrupted, env=env, capture_output=True, text=True,
-                             timeout=600)
+    resumed = subprocess.run(cmd, cwd=interrupted, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resuming" in resumed.stdout
+    return straight / "runs" / "default", run_dir, resumed.stdout
+
+
+def test_kill_and_resume_matches_uninterrupted(tmp_path, tiny_model_dir):
+    straight, run_dir, out = _kill_and_resume(tmp_path, _command(tiny_model_dir), kill_after=3)
     # it really continued: SFT was not redone, and RL restarted after its last checkpoint, not at step 1
-    assert "sft step" not in resumed.stdout and "rl step    1/6" not in resumed.stdout
-    assert "rl step    6/6" in resumed.stdout
-    a, b = _metrics(straight / "runs" / "default"), _metrics(run_dir)
+    assert "sft step" not in out and "rl step    1/6" not in out
+    assert "rl step    6/6" in out
+    a, b = _metrics(straight), _metrics(run_dir)
     assert [(r["stage"], r["step"]) for r in b] == [(r["stage"], r["step"]) for r in a]
     assert len([r for r in a if r["stage"] == "rl"]) == 6
     assert a == b
     assert any(r["train/grad_norm"] > 0 for r in a if r["stage"] == "rl")
+
+
+def test_resume_with_critic_replay_and_kl_in_reward(tmp_path, tiny_model_dir):
+    """PPO (gae, with a critic warm-up step), SPEAR replay and in-reward KL: the value head, its optimizer
+    state and the replay buffer come back from the checkpoint, so the resumed run retraces the straight one,
+    and both leave the same value head next to the final model."""
+    from safetensors.torch import load_file
+
+    cmd = _command(tiny_model_dir)[:-1] + [
+        "run.seed=5", "pipeline.sft=false", "rl.steps=5", "algorithm.advantage=gae", "algorithm.critic.warmup_steps=1",
+        "algorithm.replay.enabled=true", "algorithm.replay.threshold=0.0", "algorithm.replay.warmup_steps=2",
+        "algorithm.kl_coef=0.05", "algorithm.kl_placement=reward", "algorithm.kl_estimator=k1"]
+    straight, run_dir, out = _kill_and_resume(tmp_path, cmd, kill_after=2)
+    assert "rl step    1/5" not in out and "rl step    5/5" in out
+    a, b = _metrics(straight), _metrics(run_dir)
+    assert len(a) == 5 and a == b
+    assert all(r["critic/vf_loss"] is not None for r in a) and a[-1]["replay/size"] > 0
+    assert any(r["replay/rows"] > 0 for r in a[2:]) and a[-1]["train/kl"] > 0
+    heads = [load_file(str(d / "models" / "final.value_head.safetensors")) for d in (straight, run_dir)]
+    assert heads[0].keys() == heads[1].keys() and all((heads[0][k] == heads[1][k]).all() for k in heads[0])
 
 
 def test_rerunning_a_finished_run_is_an_error(tmp_path, tiny_model_dir):

@@ -1,4 +1,5 @@
-"""Builders: turn a `Config` into the objects a stage needs (policy, backend, task, tools, envs).
+"""Builders: turn a `Config` into the objects a stage needs (policy, backend, task, tools, envs, the KL
+reference policy), and decide what the config implies (whether RL trains a critic).
 
 Cheap checks run in `preflight` before any work starts, so a bad name or path in a recipe fails in
 the first second with a message naming the key.
@@ -29,6 +30,7 @@ from tirl.rollout.agent import TurnLimits
 from tirl.tasks import TASKS
 from tirl.tasks.base import Problem, Task
 from tirl.tools import ToolSet, build_toolset, check_toolset
+from tirl.trainer.reference import Reference
 
 
 @dataclass
@@ -74,6 +76,10 @@ def preflight(cfg: Config) -> None:
     if cfg.algorithm.kl_estimator.rstrip("+") not in KL_KINDS:
         raise ConfigError(f"algorithm.kl_estimator: {cfg.algorithm.kl_estimator!r} is not one of "
                           f"{', '.join(KL_KINDS)} (optionally with '+')")
+    check_critic(cfg)
+    if reference_kind(cfg) == "lora_base" and not cfg.model.lora.enabled:
+        raise ConfigError("algorithm.reference=lora_base is the policy with its LoRA adapter switched off, but "
+                          "model.lora.enabled=false; use algorithm.reference=copy (or auto)")
     from tirl.rollout.step import build_strategy
     strategy = build_strategy(cfg)
     if cfg.algorithm.advantage in TREE_ESTIMATORS and not getattr(strategy, "makes_trees", False):
@@ -86,6 +92,54 @@ def preflight(cfg: Config) -> None:
             task.sft_problems(1)
         except NotImplementedError as e:
             raise ConfigError(f"pipeline.sft is on but {e}; set pipeline.sft=false") from None
+
+
+def critic_enabled(cfg: Config) -> bool:
+    """Whether RL trains a value head: `algorithm.critic.enabled`, where `auto` means "when the advantage
+    estimator is marked `needs_values`"."""
+    enabled = cfg.algorithm.critic.enabled
+    if enabled == "auto":
+        return _needs_values(cfg)
+    return bool(enabled)
+
+
+def _needs_values(cfg: Config) -> bool:
+    try:
+        return bool(getattr(ADVANTAGES.get(cfg.algorithm.advantage), "needs_values", False))
+    except RegistryError as e:
+        raise ConfigError(f"algorithm: {e}") from None
+
+
+def check_critic(cfg: Config) -> None:
+    """The critic settings agree with the estimator and do something."""
+    c = cfg.algorithm.critic
+    if c.enabled is False and _needs_values(cfg):
+        raise ConfigError(f"algorithm.advantage={cfg.algorithm.advantage} needs critic values, but "
+                          "algorithm.critic.enabled=false")
+    if not critic_enabled(cfg) and c != type(c)(enabled=c.enabled):
+        raise ConfigError(f"algorithm.critic.* has no effect: algorithm.advantage={cfg.algorithm.advantage} "
+                          "uses no values (set algorithm.critic.enabled=true to train a critic anyway)")
+    if critic_enabled(cfg) and cfg.pipeline.rl and c.warmup_steps >= cfg.rl.steps:
+        raise ConfigError(f"algorithm.critic.warmup_steps={c.warmup_steps} leaves no policy update in "
+                          f"rl.steps={cfg.rl.steps}")
+
+
+def reference_kind(cfg: Config) -> str:
+    """`copy` or `lora_base`: `algorithm.reference` with `auto` resolved (lora_base when LoRA is on)."""
+    kind = cfg.algorithm.reference
+    if kind == "auto":
+        return "lora_base" if cfg.model.lora.enabled else "copy"
+    return kind
+
+
+def build_reference(cfg: Config, policy: Policy) -> Reference | None:
+    """The KL reference policy (None when `algorithm.kl_coef` is 0): a frozen copy of the weights the policy
+    started from, or the policy itself with its adapter off (`lora_base`: no second model)."""
+    if not cfg.algorithm.kl_coef:
+        return None
+    if reference_kind(cfg) == "lora_base":
+        return Reference(policy.model, lora_base=True)
+    return Reference(load_policy(cfg.model, policy.device, policy.path, trainable=False).model)
 
 
 def check_backend(cfg: Config) -> None:

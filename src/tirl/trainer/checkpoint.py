@@ -1,4 +1,5 @@
-"""Checkpoints that resume exactly: trainable weights, optimizer, scheduler, RNG states, trainer state.
+"""Checkpoints that resume exactly: trainable weights, optimizer, scheduler, RNG states, trainer state,
+and any attached parts (a critic's value head, a replay buffer).
 
 A checkpoint is written into a temporary directory and renamed into place, so a run killed while
 saving leaves the previous checkpoint intact; `latest()` only ever sees complete ones.
@@ -48,6 +49,15 @@ class CheckpointManager:
     def __init__(self, root: Path, keep: int = 1):
         self.root = Path(root)
         self.keep = keep
+        self.parts: dict[str, Any] = {}
+
+    def attach(self, name: str, part: Any) -> None:
+        """Save and restore `part` with every checkpoint: a torch module (its state dict, in
+        `<name>.safetensors`) or an object with a JSON-safe `state_dict()` and `load_state_dict()`
+        (in `<name>.json`)."""
+        if name in self.parts or name in ("trainable", "optim", "state"):
+            raise ValueError(f"checkpoint part {name!r} is taken")
+        self.parts[name] = part
 
     def latest(self) -> Path | None:
         done = sorted(p for p in self.root.glob("step_*") if (p / _DONE).exists())
@@ -62,6 +72,7 @@ class CheckpointManager:
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "rng": rng_state()}, tmp / "optim.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=1))
+        self._save_parts(tmp)
         (tmp / _DONE).touch()
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -83,7 +94,29 @@ class CheckpointManager:
         optimizer.load_state_dict(blob["optimizer"])
         scheduler.load_state_dict(blob["scheduler"])
         set_rng_state(blob["rng"])
+        self._load_parts(path)
         return json.loads((path / "state.json").read_text())
+
+    def _save_parts(self, directory: Path) -> None:
+        for name, part in self.parts.items():
+            if isinstance(part, torch.nn.Module):
+                save_file({k: v.detach().cpu().contiguous() for k, v in part.state_dict().items()},
+                          str(directory / f"{name}.safetensors"))
+            else:
+                (directory / f"{name}.json").write_text(json.dumps(part.state_dict()))
+
+    def _load_parts(self, directory: Path) -> None:
+        for name, part in self.parts.items():
+            is_module = isinstance(part, torch.nn.Module)
+            file = directory / f"{name}.{'safetensors' if is_module else 'json'}"
+            if not file.exists():
+                raise ResumeError(f"checkpoint {directory} has no {file.name}: it was written by a run without "
+                                  f"the {name.replace('_', ' ')}")
+            if is_module:
+                device = next(part.parameters()).device
+                part.load_state_dict({k: v.to(device) for k, v in load_file(str(file)).items()})
+            else:
+                part.load_state_dict(json.loads(file.read_text()))
 
     def _prune(self) -> None:
         done = sorted(p for p in self.root.glob("step_*") if (p / _DONE).exists())

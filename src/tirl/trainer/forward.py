@@ -4,7 +4,8 @@ Sequences in a micro-batch usually share a long prefix (the system prompt and to
 samples of a group, the whole prompt). The shared prefix is run once, its KV cache is repeated for
 every row, and only the rest of each row is run on top: exact, and several times cheaper than running
 every row from the start. The language-model head is applied only at the positions that are scored
-(the loss mask), not at prompt, observation or padding positions.
+(the loss mask), not at prompt, observation or padding positions. A critic's value head, when given,
+reads the same hidden states: `V_t` comes from the hidden state that predicts token t.
 """
 
 from __future__ import annotations
@@ -28,13 +29,18 @@ class ScoredBatch:
     """(B, R) entropy of pi at scored positions (no gradient unless asked); None if not computed."""
     mask: torch.Tensor
     """(B, R) float: 1 at scored positions."""
+    values: torch.Tensor | None = None
+    """(B, R) float32 value-head outputs V_t at scored positions; 0 elsewhere; None without a value head."""
 
 
 def response_logprobs(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
                       masks: Sequence[Sequence[int]], *, temperature: float = 1.0,
                       compute_dtype: torch.dtype = torch.float32, with_entropy: bool = False,
-                      entropy_grad: bool = False) -> ScoredBatch:
-    """Score response tokens where `masks` is 1; see module docstring. Shapes: B rows, R = max response."""
+                      entropy_grad: bool = False, value_head=None, value_trunk_grad: bool = True) -> ScoredBatch:
+    """Score response tokens where `masks` is 1; see module docstring. Shapes: B rows, R = max response.
+
+    `value_head` (a module `(N, H) -> (N,)`) also gives `values`; `value_trunk_grad=False` detaches the
+    hidden states it reads, so the values' gradient reaches the head only."""
     device = next(model.parameters()).device
     full = [list(p) + list(r) for p, r in zip(prompts, responses)]
     rows, width = len(full), max(len(r) for r in responses)
@@ -56,7 +62,12 @@ def response_logprobs(model, prompts: Sequence[Sequence[int]], responses: Sequen
             ent = -(logp_all.exp() * logp_all).sum(-1)
             entropy = torch.zeros(rows, width, device=device, dtype=ent.dtype).index_put(
                 (where[0].to(device), where[1].to(device)), ent)
-    return ScoredBatch(logprobs, entropy, mask)
+    values = None
+    if value_head is not None:
+        v = value_head(hidden if value_trunk_grad else hidden.detach())
+        values = torch.zeros(rows, width, device=device, dtype=v.dtype).index_put(
+            (where[0].to(device), where[1].to(device)), v)
+    return ScoredBatch(logprobs, entropy, mask, values)
 
 
 def _gather_plan(prompts, responses, masks):

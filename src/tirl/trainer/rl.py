@@ -1,9 +1,12 @@
 """The RL loop: rollout -> reward -> advantage -> loss -> optimizer step -> weights to the backend.
 
 Orchestration only: rollouts come from `tirl.rollout`, the math from `tirl.algorithms` (through
-`update.py`), persistence from `stage.py`. A step is a pure function of (weights, step index, data
-cursor, seed), so a run killed at any point and resumed from its last checkpoint retraces the
-uninterrupted run step for step.
+`update.py`), persistence from `stage.py`. Optional parts: a critic's value head (`critic.py`; trained
+in the stage's optimizer with its own learning rate, kept in checkpoints and saved next to the final
+model as `final.value_head.safetensors`), the KL reference policy (`reference.py`), and the SPEAR
+replay buffer (`replay.py`, kept in checkpoints). A step is a pure function of (weights, step index,
+data cursor, seed, buffer), so a run killed at any point and resumed from its last checkpoint retraces
+the uninterrupted run step for step.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tirl.backends.base import SamplingParams
@@ -24,10 +27,13 @@ from tirl.rollout.io import append_jsonl
 from tirl.rollout.metrics import trajectory_metrics
 from tirl.tasks.base import Problem, Task
 from tirl.tools import ToolSet
-from tirl.trainer.build import EnvFactory, Policy, load_policy, make_backend, turn_limits
+from tirl.trainer.build import EnvFactory, Policy, build_reference, critic_enabled, make_backend, turn_limits
+from tirl.trainer.critic import ValueHead, attach_to_stage, make_value_head, save_value_head
 from tirl.trainer.logging import MetricsLogger
+from tirl.trainer.reference import Reference
+from tirl.trainer.replay import ReplayBuffer, replay_weight
 from tirl.trainer.stage import TrainingStage
-from tirl.trainer.update import UpdateSettings, advantages_for, rl_update
+from tirl.trainer.update import UpdateSettings, advantages_for, rl_update, with_old_logprobs
 
 
 def rollout_spec(cfg: Config, policy: Policy) -> RolloutSpec:
@@ -41,10 +47,56 @@ def update_settings(cfg: Config, policy: Policy) -> UpdateSettings:
     a = cfg.algorithm
     return UpdateSettings(
         advantage=a.advantage, advantage_kwargs=dict(a.advantage_kwargs), loss=a.loss, loss_kwargs=dict(a.loss_kwargs),
-        aggregation=a.aggregation, kl_coef=a.kl_coef, kl_estimator=a.kl_estimator, entropy_coef=a.entropy_coef,
-        epochs=a.epochs, minibatches=a.minibatches,
+        aggregation=a.aggregation, kl_coef=a.kl_coef, kl_estimator=a.kl_estimator, kl_placement=a.kl_placement,
+        entropy_coef=a.entropy_coef, epochs=a.epochs, minibatches=a.minibatches,
         micro_batch_size=cfg.rl.micro_batch_size or cfg.rollout.group_size, max_grad_norm=cfg.rl.optim.max_grad_norm,
-        temperature=cfg.rollout.temperature or 1.0, compute_dtype=policy.compute_dtype)
+        temperature=cfg.rollout.temperature or 1.0, compute_dtype=policy.compute_dtype,
+        critic_coef=a.critic.coef, critic_clip=a.critic.clip)
+
+
+@dataclass
+class Learner:
+    """The policy with what trains alongside it."""
+
+    policy: Policy
+    stage: TrainingStage
+    critic: ValueHead | None
+    reference: Reference | None
+    replay: ReplayBuffer | None
+
+
+def make_learner(cfg: Config, policy: Policy, stage: TrainingStage) -> Learner:
+    """The critic's value head and the replay buffer attached to `stage` (call before `stage.resume()`),
+    and the KL reference."""
+    critic = None
+    if critic_enabled(cfg):
+        critic = make_value_head(policy.model)
+        attach_to_stage(critic, stage, cfg.algorithm.critic.lr or 5 * cfg.rl.optim.lr, cfg.rl.optim, cfg.rl.steps)
+    replay = None
+    if cfg.algorithm.replay.enabled:
+        r = cfg.algorithm.replay
+        replay = ReplayBuffer(r.size, r.threshold, r.tolerate_steps, r.reward_window)
+        stage.ckpt.attach("replay", replay)
+    return Learner(policy, stage, critic, build_reference(cfg, policy), replay)
+
+
+def train_on(learner: Learner, groups, step: int, cfg: Config, settings: UpdateSettings) -> dict[str, float]:
+    """One update on the step's groups: advantages (with the critic's values and in-reward KL where
+    configured), the replay buffer's step, then `rl_update`. Critic warm-up steps train the head only."""
+    model = learner.policy.model
+    s = replace(settings, critic_only=learner.critic is not None and step < cfg.algorithm.critic.warmup_steps)
+    batch = advantages_for(groups, s, model, learner.critic, learner.reference)
+    replay, weight, stats = None, 0.0, {}
+    if learner.replay is not None:
+        batch = with_old_logprobs(model, batch, s)
+        replay, stats = learner.replay.step(batch, step, cfg.run.seed, cfg.algorithm.replay.batch_size)
+        weight = replay_weight(step, cfg.algorithm.replay.coef, cfg.algorithm.replay.warmup_steps)
+        stats["replay/beta"] = weight
+    metrics = rl_update(model, learner.stage.optimizer, batch, s, learner.reference, learner.critic, replay, weight)
+    if learner.critic is not None:
+        metrics["critic/warmup"] = float(s.critic_only)
+        metrics["critic/lr"] = learner.stage.optimizer.param_groups[-1]["lr"]
+    return {**metrics, **stats}
 
 
 def run_rl(cfg: Config, policy: Policy, task: Task, tools: ToolSet, reward_fn: RewardFn, run_dir: Path,
@@ -52,11 +104,11 @@ def run_rl(cfg: Config, policy: Policy, task: Task, tools: ToolSet, reward_fn: R
     """Train for `cfg.rl.steps` steps (resuming if checkpoints exist); returns the final model directory."""
     stage = TrainingStage("rl", run_dir, policy, cfg.rl.optim, cfg.rl.steps, cfg.rl.save_every,
                           cfg.rl.keep_checkpoints, logger)
+    learner = make_learner(cfg, policy, stage)
     state = stage.resume()
     traj_dir = run_dir / "trajectories" / "rl"
     _drop_after(traj_dir, state["step"])
     backend = make_backend(policy, cfg)
-    ref = load_policy(cfg.model, policy.device, policy.path, trainable=False).model if cfg.algorithm.kl_coef else None
     make_env = EnvFactory(task, tools, cfg, policy.fmt)
     spec, settings = rollout_spec(cfg, policy), update_settings(cfg, policy)
     strategy = build_strategy(cfg)
@@ -72,8 +124,7 @@ def run_rl(cfg: Config, policy: Policy, task: Task, tools: ToolSet, reward_fn: R
             out = runner.run(rollout_step(strategy, data.take, cfg.rollout.prompts_per_step, ctx,
                                           cfg.rollout.dynamic_sampling))
             t1 = time.monotonic()
-            metrics = (rl_update(policy.model, stage.optimizer, advantages_for(out.groups, settings), settings, ref)
-                       if out.groups else {"train/skipped": 1.0})
+            metrics = train_on(learner, out.groups, step, cfg, settings) if out.groups else {"train/skipped": 1.0}
             backend.update_weights(loading.merged_state_dict(policy.model))
             t2 = time.monotonic()
             metrics.update(trajectory_metrics(out.trajectories))
@@ -87,6 +138,8 @@ def run_rl(cfg: Config, policy: Policy, task: Task, tools: ToolSet, reward_fn: R
             stage.step_done(step + 1, metrics, {"cursor": data.cursor, "reward_state": reward_state.data,
                                                 "strategy": strategy.state_dict()})
     backend.close()
+    if learner.critic is not None:
+        save_value_head(learner.critic, run_dir / "models" / "final.value_head.safetensors")
     return stage.finish(run_dir / "models" / "final")
 
 
