@@ -55,3 +55,22 @@ def test_existing_run_with_other_config_is_refused(tmp_path):
 def test_listings(command, expected):
     proc, _ = tirl(command)
     assert proc.returncode == 0 and expected in proc.stdout
+
+
+def test_algos_lists_every_estimator_loss_and_reward_with_a_description():
+    """`tirl algos` shows each registered name with the first line of its docstring."""
+    from tirl.algorithms import ADVANTAGES, POLICY_LOSSES
+    from tirl.rewards import REWARDS
+
+    proc, _ = tirl("algos")
+    assert proc.returncode == 0
+    out = " ".join(proc.stdout.split())
+    for registry in (ADVANTAGES, POLICY_LOSSES, REWARDS):
+        for name, doc in registry.describe().items():
+            assert doc, f"{registry.what} {name!r} has no description"
+            assert name in out, f"tirl algos does not list {registry.what} {name!r}"
+    names = set(ADVANTAGES) | set(POLICY_LOSSES) | set(REWARDS)
+    assert {"grpo", "drgrpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gae", "mt_grpo", "portool", "igpo",
+            "matchtir", "hdpo", "ppo_clip", "gspo", "cispo", "aepo", "toolrl", "otc_ppo", "otc_grpo", "toolstar",
+            "etagent", "irm", "rlcr_brier", "mscr", "deepeyes", "dapo_overlong", "cm2_checklist", "judge_rubric",
+            "math_verify", "qa_em", "qa_f1", "weighted_sum", "product", "gate"} <= names
