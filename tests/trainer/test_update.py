@@ -333,3 +333,12 @@ def test_kl_in_reward_with_a_lora_base_reference_end_to_end(tmp_path, monkeypatc
     assert len(recs) == 2 and all(r["train/kl"] is not None and r["train/kl"] >= 0 for r in recs)
     assert recs[0]["train/kl"] == pytest.approx(0.0, abs=1e-5)  # step 1: the adapter starts at zero
     assert recs[1]["train/kl"] > 0
+
+
+def test_a_kl_penalty_without_a_reference_is_an_error(tiny_model_dir):
+    model = _model(tiny_model_dir)
+    s = UpdateSettings(kl_coef=0.1)
+    with pytest.raises(ValueError, match="needs a reference policy"):
+        rl_update(model, torch.optim.SGD(model.parameters(), lr=0.0), advantages_for(_groups(), s), s)
+    with pytest.raises(ValueError, match="needs a reference policy"):
+        advantages_for(_groups(), replace(s, kl_placement="reward"), model)

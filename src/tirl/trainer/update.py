@@ -298,6 +298,8 @@ def rl_update(model, optimizer, batch: Batch, s: UpdateSettings, ref_model=None,
         raise ValueError("rl_update: a critic needs a batch made by advantages_for with that critic (no returns)")
     if s.critic_only and critic is None:
         raise ValueError("rl_update: critic_only (critic warm-up) needs a critic")
+    if s.kl_coef and s.kl_placement == "loss" and ref_model is None:
+        raise ValueError("rl_update: an in-loss KL penalty (kl_coef > 0) needs a reference policy (ref_model)")
     if s.epochs > 1 or s.minibatches > 1:
         batch = with_old_logprobs(model, batch, s)
     use_replay = replay is not None and len(replay.trajs) > 0 and replay_weight > 0 and not s.critic_only
@@ -380,7 +382,7 @@ def _policy_terms(scored: ScoredBatch, batch: Batch, micro: list[int], mask: tor
     old = (batch.old_logprobs[micro, :width].to(mask.device) if batch.old_logprobs is not None
            else scored.logprobs.detach())
     loss, metrics = _policy_loss(scored, old, adv, mask, s, norms)
-    if s.kl_coef and s.kl_placement == "loss" and reference is not None:
+    if s.kl_coef and s.kl_placement == "loss":
         ref = reference.logprobs([batch.trajs[i] for i in micro], temperature=s.temperature,
                                  compute_dtype=s.compute_dtype)[:, :width].to(mask.device)
         kl = kl_penalty(scored.logprobs, ref, s.kl_estimator)
