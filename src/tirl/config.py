@@ -226,6 +226,15 @@ class ReplayConfig(_Section):
                                                      "from the start).")
 
 
+class InfoGainConfig(_Section):
+    """IGPO information-gain turn rewards (reference 4.4): before each turn the policy is teacher-forced on
+    the gold answer; a non-final turn earns the rise in its probability, the last turn the outcome reward.
+    Pair with algorithm.advantage=igpo (turn rewards normalised within the group, summed over later turns)."""
+
+    enabled: bool = False
+    log_space: bool = Field(False, description="Gains of log-probabilities instead of probabilities.")
+
+
 class AlgorithmConfig(_Section):
     advantage: str = Field("grpo", description="Advantage estimator (see `tirl algos`).")
     advantage_kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -247,9 +256,12 @@ class AlgorithmConfig(_Section):
     minibatches: int = Field(1, ge=1, description="Optimizer steps per pass.")
     critic: CriticConfig = CriticConfig()
     replay: ReplayConfig = ReplayConfig()
+    info_gain: InfoGainConfig = InfoGainConfig()
 
     @model_validator(mode="after")
     def _no_idle_keys(self) -> AlgorithmConfig:
+        if not self.info_gain.enabled and self.info_gain != InfoGainConfig():
+            raise ValueError("algorithm.info_gain.* has no effect unless algorithm.info_gain.enabled=true")
         if self.kl_coef == 0:
             for key, default in (("kl_placement", "loss"), ("reference", "auto")):
                 if getattr(self, key) != default:

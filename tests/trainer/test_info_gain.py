@@ -57,3 +57,38 @@ def test_groups_get_turn_rewards_summing_to_the_reward(tiny_model_dir):
     assert logged[0].trajectories[0].turn_rewards[0] == pytest.approx(math.log(beliefs[1] / beliefs[0]), rel=1e-5)
     with pytest.raises(ValueError, match="empty gold answer"):
         with_information_gain(model, groups, lambda task_id: "", lambda text: [])
+
+
+def test_tirl_train_with_information_gain_and_igpo(tmp_path, tiny_model_dir):
+    """`algorithm.info_gain.enabled=true` + `algorithm.advantage=igpo` on the tiny model: the trained
+    trajectories carry one turn reward per turn, summing to their reward; the gain is logged."""
+    import json
+
+    from tirl.cli import main
+    from tirl.rollout.io import read_jsonl
+
+    run = tmp_path / "run"
+    assert main(["train", f"model.name={tiny_model_dir}", f"run.dir={run}", "pipeline.sft=false",
+                 "pipeline.eval_before=false", "pipeline.eval_after=false", "rl.steps=2", "rollout.group_size=2",
+                 "rollout.prompts_per_step=2", "rollout.max_new_tokens_per_turn=8", "rollout.max_new_tokens=16",
+                 "rollout.max_turns=2", "algorithm.info_gain.enabled=true", "algorithm.advantage=igpo"]) == 0
+    trajs = list(read_jsonl(run / "trajectories" / "rl" / "step_000001.jsonl"))
+    assert trajs and all(len(t.turn_rewards) == len(t.turns) for t in trajs)
+    assert all(t.reward == pytest.approx(sum(t.turn_rewards)) for t in trajs)
+    assert all("info_gain" in t.reward_components for t in trajs)
+    rl = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all("igpo/info_gain_mean" in m for m in rl if m["stage"] == "rl")
+
+
+def test_turn_rewards_sit_on_each_turns_last_sampled_token():
+    """Turn 0 samples positions 0-1 (then observation 2-3), turn 1 samples 4-5: turn rewards (0.2, 1.0)
+    land on positions 1 and 5; an outcome-only trajectory keeps its reward on its last sampled token."""
+    import dataclasses
+
+    from tirl.trainer.update import loss_masks, token_rewards_and_turns
+
+    turned = _traj().with_reward(1.2, {}, True, (0.2, 1.0))
+    outcome = dataclasses.replace(_traj(), reward=0.7)
+    rewards, turns = token_rewards_and_turns([turned, outcome], loss_masks([turned, outcome]))
+    assert torch.allclose(rewards, torch.tensor([[0, 0.2, 0, 0, 0, 1.0], [0, 0, 0, 0, 0, 0.7]]))
+    assert turns.tolist() == [[0, 0, -1, -1, 1, 1]] * 2

@@ -307,3 +307,14 @@ def test_trajectories_without_sampled_tokens_are_dropped_and_counted(tmp_path, s
     path = write(tmp_path / "t.jsonl", [silent, a])
     examples, report = rollout_examples(cfg([path]), smol_format)
     assert report.removed["no_trained_tokens"] == 1 and [e.origin for e in examples] == [f"{path}:2"]
+
+
+def test_preflight_names_missing_rollout_files(tmp_path):
+    """`tirl train` with sft.source=rollouts checks the files before any work starts."""
+    from tirl.config import load_config
+    from tirl.errors import ConfigError
+    from tirl.trainer.build import preflight
+
+    cfg = load_config(None, ["sft.source=rollouts", f"sft.rollouts=[{tmp_path}/none/*.jsonl]"])
+    with pytest.raises(ConfigError, match="matches no files"):
+        preflight(cfg)

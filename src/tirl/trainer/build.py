@@ -21,7 +21,7 @@ from tirl.backends.hf import HFBackend
 from tirl.chat.format import ChatFormat, load_chat_format, template_supports_tools
 from tirl.config import Config, ModelConfig, TaskConfig
 from tirl.envs.tool_env import ToolEnv, ToolLimits
-from tirl.errors import ConfigError
+from tirl.errors import ConfigError, DataError
 from tirl.models import loading
 from tirl.registry import RegistryError
 import tirl.rewards  # noqa: F401  (registers the built-in rewards)
@@ -87,7 +87,13 @@ def preflight(cfg: Config) -> None:
                           f"rollout.strategy={cfg.rollout.strategy} samples flat groups; use rollout.strategy=tree "
                           "or entropy_branch")
     check_backend(cfg)
-    if cfg.pipeline.sft:
+    if cfg.pipeline.sft and cfg.sft.source == "rollouts":
+        from tirl.trainer.sft_data import resolve_paths
+        try:
+            resolve_paths(cfg.sft.rollouts)
+        except DataError as e:
+            raise ConfigError(str(e)) from None
+    elif cfg.pipeline.sft:
         try:
             task.sft_problems(1)
         except NotImplementedError as e:

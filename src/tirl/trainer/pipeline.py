@@ -21,6 +21,7 @@ from tirl.config import Config
 from tirl.errors import ResumeError
 from tirl.eval.runner import eval_problems, run_eval
 from tirl.models import loading
+from tirl.rewards.judge import close_judges
 from tirl.trainer.build import (EnvFactory, build_reward, build_task, build_tools, load_policy, make_backend,
                                 pick_device, preflight, setup_threads, turn_limits)
 from tirl.trainer.display import console
@@ -76,6 +77,7 @@ def run_pipeline(cfg: Config) -> dict[str, dict[str, Any]]:
         return _run_stages(cfg, run_dir, device, task, tools)
     finally:
         asyncio.run(tools.shutdown())
+        close_judges()
 
 
 def _run_stages(cfg: Config, run_dir: Path, device: str, task, tools: ToolSet) -> dict[str, dict[str, Any]]:

@@ -29,6 +29,7 @@ from tirl.tasks.base import Problem, Task
 from tirl.tools import ToolSet
 from tirl.trainer.build import EnvFactory, Policy, build_reference, critic_enabled, make_backend, turn_limits
 from tirl.trainer.critic import ValueHead, attach_to_stage, make_value_head, save_value_head
+from tirl.trainer.info_gain import with_information_gain
 from tirl.trainer.logging import MetricsLogger
 from tirl.trainer.reference import Reference
 from tirl.trainer.replay import ReplayBuffer, replay_weight
@@ -123,6 +124,12 @@ def run_rl(cfg: Config, policy: Policy, task: Task, tools: ToolSet, reward_fn: R
                                  reward_fn, step, cfg.run.seed, reward_state)
             out = runner.run(rollout_step(strategy, data.take, cfg.rollout.prompts_per_step, ctx,
                                           cfg.rollout.dynamic_sampling))
+            if cfg.algorithm.info_gain.enabled and out.groups:
+                out.groups, gain = with_information_gain(
+                    policy.model, out.groups, lambda task_id: task.final_answer_text(data.problem(task_id)),
+                    policy.fmt.encode, compute_dtype=policy.compute_dtype, micro_batch_size=settings.micro_batch_size,
+                    log_space=cfg.algorithm.info_gain.log_space)
+                out.metrics.update(gain)
             t1 = time.monotonic()
             metrics = train_on(learner, out.groups, step, cfg, settings) if out.groups else {"train/skipped": 1.0}
             backend.update_weights(loading.merged_state_dict(policy.model))
@@ -148,11 +155,22 @@ class _Cursor:
 
     def __init__(self, task: Task, cursor: int):
         self.task, self.cursor = task, cursor
+        self.taken: dict[str, Problem] = {}
+        """Problems handed out so far in this run, by id (IGPO needs their gold answers)."""
 
     def take(self, n: int) -> list[Problem]:
         problems = [self.task.train_problem(self.cursor + i) for i in range(n)]
         self.cursor += n
+        self.taken.update((p.id, p) for p in problems)
         return problems
+
+    def problem(self, task_id: str) -> Problem:
+        """A problem handed out earlier in the run (before a resume too: regenerated from the stream)."""
+        if task_id not in self.taken:
+            self.taken.update((p.id, p) for p in map(self.task.train_problem, range(self.cursor)))
+        if task_id not in self.taken:
+            raise KeyError(f"problem {task_id!r} is not among the {self.cursor} training problems of this run")
+        return self.taken[task_id]
 
 
 def _with_deadline(spec: RolloutSpec, step_timeout_s: float | None) -> RolloutSpec:
