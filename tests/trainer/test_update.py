@@ -160,9 +160,9 @@ def test_micro_batch_2_equals_8_with_and_without_critic(tiny_model_dir, with_cri
 def test_kl_in_reward_hand_value():
     """r=[0,0,1], old=[-1,-1,-1], ref=[-1.5,-1,-1.5], mask=[1,0,1], coef 0.1, k1: KL=[0.5,(masked),0.5]
     -> r=[-0.05, 0, 0.95]; the mean KL over sampled tokens is 0.5."""
-    from tirl.trainer.update import kl_in_reward
+    from tirl.trainer.update import rewards_with_kl
 
-    rewards, stats = kl_in_reward(torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([[-1.0, -1.0, -1.0]]),
+    rewards, stats = rewards_with_kl(torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([[-1.0, -1.0, -1.0]]),
                                   torch.tensor([[-1.5, -1.0, -1.5]]), torch.tensor([[1.0, 0.0, 1.0]]), 0.1, "k1")
     torch.testing.assert_close(rewards, torch.tensor([[-0.05, 0.0, 0.95]]))
     assert stats["train/kl"] == pytest.approx(0.5)

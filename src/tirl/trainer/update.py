@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from tirl.algorithms import (ADVANTAGES, POLICY_LOSSES, AdvantageInput, NeedsTreeError, PolicyLossInput, TreeStructure,
-                             agg_loss, kl_penalty, loss_normalisers, masked_mean, mean_over_sharing_rows,
+                             agg_loss, kl_in_reward, kl_penalty, loss_normalisers, masked_mean, mean_over_sharing_rows,
                              outcome_token_rewards, owner_mask)
 from tirl.errors import ConfigError, InvariantError
 from tirl.rollout.tree import ROOT, check_tree, is_tree, node_spans
@@ -140,7 +140,7 @@ def advantages_for(groups: Sequence[TrajectoryGroup], s: UpdateSettings, model=N
         old_logprobs, old_values = score_without_grad(model, trajs, mask.shape[1], s, critic)
     stats: dict[str, float] = {}
     if in_reward_kl:
-        token_rewards, stats = kl_in_reward(token_rewards, old_logprobs, _reference_logprobs(
+        token_rewards, stats = rewards_with_kl(token_rewards, old_logprobs, _reference_logprobs(
             as_reference(reference), trajs, mask.shape[1], s), mask, s.kl_coef, s.kl_estimator)
     inp = AdvantageInput(token_rewards=token_rewards, mask=mask, group_ids=group_ids, values=old_values, tree=tree,
                          turn_ids=turn_ids, correct=row_correct(trajs), tool_calls=row_tool_calls(trajs))
@@ -179,13 +179,13 @@ def row_tool_calls(trajs: Sequence[Trajectory]) -> torch.Tensor:
     return torch.tensor([float(len(t.tool_results)) for t in trajs], dtype=torch.float32)
 
 
-def kl_in_reward(token_rewards_B_T: torch.Tensor, old_logprobs_B_T: torch.Tensor, ref_logprobs_B_T: torch.Tensor,
-                 mask_B_T: torch.Tensor, coef: float, estimator: str) -> tuple[torch.Tensor, dict[str, float]]:
-    """In-reward KL (reference 2.2): `r_t - coef * KL(old || ref)_t` on mask==1 tokens, unchanged elsewhere
-    (k1: `KL_t = old_logp_t - ref_logp_t`). Returns the new rewards and `train/kl`, the mean KL over
-    mask==1 tokens."""
-    kl_B_T = kl_penalty(old_logprobs_B_T, ref_logprobs_B_T, estimator) * mask_B_T
-    return token_rewards_B_T - coef * kl_B_T, {"train/kl": float(masked_mean(kl_B_T, mask_B_T))}
+def rewards_with_kl(token_rewards_B_T: torch.Tensor, old_logprobs_B_T: torch.Tensor, ref_logprobs_B_T: torch.Tensor,
+                    mask_B_T: torch.Tensor, coef: float, estimator: str) -> tuple[torch.Tensor, dict[str, float]]:
+    """In-reward KL (`tirl.algorithms.kl_in_reward`: `r_t - coef * KL(old || ref)_t` on mask==1 tokens) and
+    its metric `train/kl`, the mean KL over mask==1 tokens."""
+    kl_B_T = kl_penalty(old_logprobs_B_T, ref_logprobs_B_T, estimator)
+    rewards = kl_in_reward(token_rewards_B_T, old_logprobs_B_T, ref_logprobs_B_T, mask_B_T, coef, estimator)
+    return rewards, {"train/kl": float(masked_mean(kl_B_T, mask_B_T))}
 
 
 def token_rewards_and_turns(trajs: Sequence[Trajectory], mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
