@@ -4,7 +4,7 @@ import pytest
 
 from tirl.rewards.calibration import brier_reward, mscr_reward, read_confidence
 
-from tests.rewards.builders_b import FIXED, run, trajectory
+from tests.rewards.builders import FIXED, run, trajectory
 
 
 def answer(value: str, confidence: str | None) -> str:

@@ -5,7 +5,7 @@ import pytest
 from tirl.rewards import REWARDS
 from tirl.rewards.base import bind
 
-from tests.rewards.builders_b import COUNTING, FAILING, FIXED, Step, run, trajectory
+from tests.rewards.builders import COUNTING, FAILING, FIXED, Step, run, trajectory
 
 RIGHT = trajectory("<answer>42</answer>")  # arithmetic: correct 1.0 + format 0.1 = 1.1
 WRONG = trajectory("<answer>41</answer>")  # arithmetic: correct 0.0 + format 0.1 = 0.1

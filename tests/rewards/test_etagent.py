@@ -9,15 +9,15 @@ from tirl.rewards.base import GroupContext
 from tirl.rewards.etagent import calibration_factor, etagent_reward, tool_call_count, zscores
 from tirl.tasks.base import Problem
 
-from tests.rewards.builders_a import T, alone, trajectory
+from tests.rewards.builders import Step, alone, trajectory
 
 QA = Problem(id="qa/0", question="Which city?", answer="Paris")
 MATH = Problem(id="math/0", question="3/4?", answer="\\frac{3}{4}")
 ANSWER = "<think>so</think><answer>\\boxed{Paris}</answer>"
 
 
-def _calls(n: int, tokens: int = 1) -> T:
-    return T("<think>s</think>", calls=[("search", {"query": str(k)}) for k in range(n)], tokens=tokens)
+def _calls(n: int, tokens: int = 1) -> Step:
+    return Step("<think>s</think>", calls=[("search", {"query": str(k)}) for k in range(n)], tokens=tokens)
 
 
 def test_reference_f_tool():
@@ -41,7 +41,7 @@ def test_zscores_population_std():
 def test_reward_on_a_group():
     """Three correct rollouts with tc = [1, 2, 3] and sampled lengths [2, 3, 4] (one token per turn plus
     the answer turn's): for the third, f_tool = 0.90033, z = 1.22474, f_length = 2/(1+e^{0.5*1.22474})."""
-    group = tuple(trajectory(_calls(n), T(ANSWER, tokens=n)) for n in (1, 2, 3))
+    group = tuple(trajectory(_calls(n), Step(ANSWER, tokens=n)) for n in (1, 2, 3))
     ctx = GroupContext(trajectories=group)
     results = [etagent_reward(t, QA, ctx) for t in group]
     f_len = 2 / (1 + math.exp(0.5 * 1.224745))
@@ -54,7 +54,7 @@ def test_reward_on_a_group():
 
 
 def test_sigmas_zero_leave_correctness_and_format():
-    group = tuple(trajectory(_calls(n), T(ANSWER, tokens=n)) for n in (1, 3))
+    group = tuple(trajectory(_calls(n), Step(ANSWER, tokens=n)) for n in (1, 3))
     ctx = GroupContext(trajectories=group)
     assert [etagent_reward(t, QA, ctx, sigma_tool=0.0, sigma_len=0.0).total for t in group] == [1.0, 1.0]
 
@@ -88,7 +88,7 @@ def test_errors():
 
 
 def test_tool_call_count_ignores_unparsed_attempts():
-    assert tool_call_count(trajectory(T("<think>s</think>", calls=[("search", {})], invalid=2), ANSWER)) == 1
+    assert tool_call_count(trajectory(Step("<think>s</think>", calls=[("search", {})], invalid=2), ANSWER)) == 1
 
 
 def test_registered():

@@ -10,7 +10,7 @@ from tirl.rewards.format import (assistant_text, format_tags_reward, single_tag_
 from tirl.tasks.base import Problem
 from tirl.types import ToolResult, ToolStatus
 
-from tests.rewards.builders_a import T, alone, trajectory
+from tests.rewards.builders import Step, alone, trajectory
 
 PROBLEM = Problem(id="p", question="q", answer="5")
 
@@ -62,9 +62,9 @@ def test_format_tags_custom_tag_reward_and_penalty():
 
 
 def test_format_tags_require_think_checks_every_turn():
-    call = T("<think>look up</think>", calls=[("search", {"query": "x"})])
+    call = Step("<think>look up</think>", calls=[("search", {"query": "x"})])
     assert _tags(call, "<think>ok</think><answer>5</answer>", require_think=True).total == 1.0
-    no_think_first = T("look up", calls=[("search", {"query": "x"})])
+    no_think_first = Step("look up", calls=[("search", {"query": "x"})])
     assert _tags(no_think_first, "<think>ok</think><answer>5</answer>", require_think=True).total == 0.0
     assert _tags(no_think_first, "<think>ok</think><answer>5</answer>").total == 1.0  # not required
 
@@ -81,7 +81,7 @@ def test_format_tags_rejects_a_bad_tag():
 
 def test_tool_call_validity_fraction():
     """Calls: ok, execution_error, output_truncated, plus one unparseable attempt: 2 of 4 ok by default."""
-    turn = T("calls", calls=[("a", {}), ("b", {}), ("c", {})],
+    turn = Step("calls", calls=[("a", {}), ("b", {}), ("c", {})],
              statuses=[ToolStatus.OK, ToolStatus.EXECUTION_ERROR, ToolStatus.OUTPUT_TRUNCATED], invalid=1)
     result = _validity(turn, "<answer>5</answer>")
     assert result.total == pytest.approx(0.5)
@@ -100,7 +100,7 @@ def test_tool_call_validity_without_calls_and_bad_statuses():
 
 def test_unparsed_attempts_count_results_without_a_call():
     """Two invalid attempts, plus a budget-exceeded result for an unreadable call (no ToolCall has its id)."""
-    traj = trajectory(T("x", calls=[("a", {})], statuses=[ToolStatus.VALIDATION_ERROR], invalid=2), "done")
+    traj = trajectory(Step("x", calls=[("a", {})], statuses=[ToolStatus.VALIDATION_ERROR], invalid=2), "done")
     assert unparsed_attempts(traj) == 2
     over_budget = ToolResult("call_9_0", "", "budget", ToolStatus.BUDGET_EXCEEDED)
     turn = dataclasses.replace(traj.turns[0], tool_results=traj.turns[0].tool_results + (over_budget,))

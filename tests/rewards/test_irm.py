@@ -9,7 +9,7 @@ from tirl.rewards.irm import CATEGORY_REWARDS, first_call, irm_category, irm_rew
 from tirl.tasks.base import Problem
 from tirl.types import ToolCall, ToolResult, ToolStatus
 
-from tests.rewards.builders_a import T, alone, trajectory
+from tests.rewards.builders import Step, alone, trajectory
 
 SCHEMA = {"type": "function", "function": {"name": "search", "description": "find",
                                            "parameters": {"type": "object", "properties": {"q": {}, "k": {}}}}}
@@ -24,7 +24,7 @@ def _reward(*turns, problem=PROBLEM):
 
 
 def _call(name, args, status=ToolStatus.OK):
-    return T("call", calls=[(name, args)], statuses=[status])
+    return Step("call", calls=[(name, args)], statuses=[status])
 
 
 def test_reference_missing_only():
@@ -89,18 +89,19 @@ def test_without_schemas_the_statuses_decide():
 
 
 def test_parse_failure_and_no_call():
-    over_budget = trajectory(T("call", calls=[("search", GOLD["parameters"])]), answered=False)
+    over_budget = trajectory(Step("call", calls=[("search", GOLD["parameters"])]), answered=False)
     unreadable = ToolResult("call_0_9", "", "budget", ToolStatus.BUDGET_EXCEEDED)
     turn = dataclasses.replace(over_budget.turns[0], tool_calls=(), tool_results=(unreadable,))
     over_budget = dataclasses.replace(over_budget, turns=(turn,))
     assert irm_reward(over_budget, PROBLEM, alone(over_budget)).total == -2.0
-    assert _reward(T("call", invalid=1), T("<think>x</think>", calls=[("search", GOLD["parameters"])])).total == -2.0
+    unparsed_first = (Step("call", invalid=1), Step("<think>x</think>", calls=[("search", GOLD["parameters"])]))
+    assert _reward(*unparsed_first).total == -2.0
     traj = trajectory("just an answer")
     assert irm_reward(traj, PROBLEM, alone(traj)).total == -2.0
 
 
 def test_only_the_first_call_is_scored():
-    turn = T("calls", calls=[("search", {"q": "a", "k": "5"}), ("calc", {"x": 1})])
+    turn = Step("calls", calls=[("search", {"q": "a", "k": "5"}), ("calc", {"x": 1})])
     assert _reward(turn).total == 1.0
     call, status = first_call(trajectory(turn, "done"))
     assert call.name == "search" and status is ToolStatus.OK

@@ -21,7 +21,7 @@ from tirl.rewards.judge import (Judge, close_judges, get_judge, parse_checklists
                                 rubric_messages)
 from tirl.types import Message, ToolStatus
 
-from tests.rewards.builders_b import ScriptedJudge, Step, problem, run, trajectory
+from tests.rewards.builders import ScriptedJudge, Step, problem, run, trajectory
 
 ANSWER = trajectory("<answer>42</answer>")
 

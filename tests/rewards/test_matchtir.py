@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from tests.rewards.builders_a import T, alone, trajectory
+from tests.rewards.builders import Step, alone, trajectory
 from tirl.rewards import REWARDS, score
 from tirl.rewards.base import bind
 from tirl.rewards.matchtir import (answer_f1, call_rewards, call_similarity, greedy_assignment, hungarian_assignment,
@@ -133,8 +133,8 @@ def problem(gold_calls=None, answer: str = "Eiffel Tower", reference_calls=()) -
 
 def three_turns():
     """Turn 0 calls p1 and p2, turn 1 calls a tool with no gold match, turn 2 answers."""
-    return trajectory(T("calling", calls=[("f", P1["parameters"]), ("f", P2["parameters"])]),
-                      T("again", calls=[("lookup", {"x": 1})]),
+    return trajectory(Step("calling", calls=[("f", P1["parameters"]), ("f", P2["parameters"])]),
+                      Step("again", calls=[("lookup", {"x": 1})]),
                       "<think>done</think><answer>Eiffel Tower</answer>")
 
 
@@ -163,17 +163,17 @@ def test_matchtir_reward_through_a_spec_and_score():
 
 
 def test_answer_turn_calls_are_not_scored_and_wrong_answers_are_not_correct():
-    traj = trajectory(T("<answer>Paris</answer>", calls=[("f", {"a": 1})]), answered=True)
+    traj = trajectory(Step("<answer>Paris</answer>", calls=[("f", {"a": 1})]), answered=True)
     result = REWARDS.get("matchtir")(traj, problem([G2], answer="Eiffel Tower, Paris"), alone(traj))
     assert np.allclose(result.turn_rewards, [2 * (1.0 * 1 / 3) / (1.0 + 1 / 3)])  # P = 1, R = 1/3
     assert result.correct is False
-    no_answer = trajectory(T("x", calls=[("f", {"a": 1})]), answered=False)
+    no_answer = trajectory(Step("x", calls=[("f", {"a": 1})]), answered=False)
     result = REWARDS.get("matchtir")(no_answer, problem([G2]), alone(no_answer))
     assert result.turn_rewards == (1.0,) and result.correct is False
 
 
 def test_gold_calls_from_reference_calls_and_bad_gold():
-    traj = trajectory(T("x", calls=[("f", {"a": 1})]), "<answer>Eiffel Tower</answer>")
+    traj = trajectory(Step("x", calls=[("f", {"a": 1})]), "<answer>Eiffel Tower</answer>")
     from_reference = problem(reference_calls=(ToolCall("r0", "f", {"a": 1}),))
     assert REWARDS.get("matchtir")(traj, from_reference, alone(traj)).turn_rewards == (1.0, 1.0)
     none_expected = REWARDS.get("matchtir")(traj, problem(), alone(traj), unmatched_penalty=-0.25)

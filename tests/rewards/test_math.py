@@ -10,7 +10,7 @@ from tirl.rewards import REWARDS
 from tirl.rewards.math import math_equal, math_verify_reward, parse_gold
 from tirl.tasks.base import Problem
 
-from tests.rewards.builders_a import alone, trajectory
+from tests.rewards.builders import alone, trajectory
 
 PROBLEM = Problem(id="math/0", question="What is 3/4 as a fraction?", answer="\\frac{3}{4}")
 

@@ -10,7 +10,7 @@ from tirl.rewards.qa import (exact_match, gold_answers, normalize_answer, qa_em_
                              token_f1)
 from tirl.tasks.base import Problem
 
-from tests.rewards.builders_a import alone, trajectory
+from tests.rewards.builders import alone, trajectory
 
 PROBLEM = Problem(id="nq/0", question="Who wrote Hamlet?", answer="William Shakespeare",
                   info={"answers": ["Shakespeare", "the Bard"]})

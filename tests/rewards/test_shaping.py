@@ -7,7 +7,7 @@ import pytest
 from tirl.rewards.shaping import deepeyes_format_error, overlong_penalty, spear_bonus, toolcall_schedule
 from tirl.types import ToolStatus
 
-from tests.rewards.builders_b import FIXED, Step, long_trajectory, run, trajectory
+from tests.rewards.builders import FIXED, Step, long_trajectory, run, trajectory
 
 
 def fixed(total: float = 0.0, **kw) -> dict:

@@ -8,7 +8,7 @@ from tirl.rewards.toolrl import (VARIANTS, gold_calls, match_score, toolrl_corre
 from tirl.tasks.base import Problem
 from tirl.types import ToolCall, ToolStatus
 
-from tests.rewards.builders_a import T, alone, trajectory
+from tests.rewards.builders import Step, alone, trajectory
 
 SEARCH_K5 = {"name": "search", "parameters": {"q": "a", "k": 5}}
 SEARCH_K3 = {"name": "search", "parameters": {"q": "a", "k": 3}}
@@ -91,7 +91,7 @@ def test_variant_scales(variant, step, expected):
 
 # --- the reward on trajectories -----------------------------------------------------------------
 
-GOOD_CALL = T("<think>search it</think>", calls=[("search", {"q": "a", "k": 5})])
+GOOD_CALL = Step("<think>search it</think>", calls=[("search", {"q": "a", "k": 5})])
 
 
 def _reward(*turns, problem=PROBLEM, step=0, answered=None, **params):
@@ -106,24 +106,24 @@ def test_exact_call_with_good_format_scores_four():
 
 
 def test_reference_values_through_trajectories():
-    wrong_value = T("<think>s</think>", calls=[("search", {"q": "a", "k": 3})])
-    extra = T("<think>s</think>", calls=[("search", {"q": "a", "k": 5}), ("calc", {"x": 1})])
-    wrong_name = T("<think>s</think>", calls=[("lookup", {"q": "a", "k": 5})], statuses=[ToolStatus.UNKNOWN_TOOL])
+    wrong_value = Step("<think>s</think>", calls=[("search", {"q": "a", "k": 3})])
+    extra = Step("<think>s</think>", calls=[("search", {"q": "a", "k": 5}), ("calc", {"x": 1})])
+    wrong_name = Step("<think>s</think>", calls=[("lookup", {"q": "a", "k": 5})], statuses=[ToolStatus.UNKNOWN_TOOL])
     assert _reward(wrong_value, "<think>d</think>").components["correct"] == pytest.approx(1.5)
     assert _reward(extra, "<think>d</think>").components["correct"] == pytest.approx(2.25)
     assert _reward(wrong_name, "<think>d</think>").components["correct"] == -3.0
 
 
 def test_unparseable_call_or_no_call_gives_min():
-    invalid = T("<think>s</think>", calls=[("search", {"q": "a", "k": 5})], invalid=1)
+    invalid = Step("<think>s</think>", calls=[("search", {"q": "a", "k": 5})], invalid=1)
     result = _reward(invalid, "<think>d</think>")
     assert result.components["correct"] == -3.0 and result.correct is False
     assert _reward("<think>no tools</think>").components == {"format": 0.0, "correct": -3.0}
 
 
 def test_format_rules():
-    assert _reward(T("search", calls=[("search", {"q": "a", "k": 5})]), "<think>d</think>").components["format"] == 0
-    assert _reward(T("<think>a</think><think>b</think>", calls=[("search", {"q": "a", "k": 5})]),
+    assert _reward(Step("search", calls=[("search", {"q": "a", "k": 5})]), "<think>d</think>").components["format"] == 0
+    assert _reward(Step("<think>a</think><think>b</think>", calls=[("search", {"q": "a", "k": 5})]),
                    "<think>d</think>").components["format"] == 0
     # no response expected (blank gold answer): a tagged answer breaks the format
     assert _reward(GOOD_CALL, "<think>d</think><answer>x</answer>").components["format"] == 0
@@ -160,7 +160,7 @@ def test_gold_from_reference_calls_and_bad_gold():
 
 
 def test_variants_on_a_trajectory():
-    wrong_value = T("<think>s</think>", calls=[("search", {"q": "a", "k": 3})])
+    wrong_value = Step("<think>s</think>", calls=[("search", {"q": "a", "k": 3})])
     assert _reward(wrong_value, "<think>d</think>", variant="coarse").components["correct"] == -3.0
     assert _reward(wrong_value, "<think>d</think>", variant="correct_max1").components["correct"] == pytest.approx(0.5)
     early = _reward(wrong_value, "<think>d</think>", variant="max1step30max3", step=10).components
@@ -168,20 +168,21 @@ def test_variants_on_a_trajectory():
     assert early == {"format": 1.0, "correct": pytest.approx(0.5)}
     assert late == {"format": 0.5, "correct": pytest.approx(1.5)}
     # schedule at step 0: correct in [-2, 2] -> 4 * 3/4 - 2 = 1; a bad format scores min_f = -2
-    sched = _reward(T("s", calls=[("search", {"q": "a", "k": 3})]), "<think>d</think>", variant="schedule").components
+    bad_format = Step("s", calls=[("search", {"q": "a", "k": 3})])
+    sched = _reward(bad_format, "<think>d</think>", variant="schedule").components
     assert sched == {"format": -2.0, "correct": pytest.approx(1.0)}
 
 
 def test_with_length_variant():
     """30 think words in total: round(30/512, 2) = 0.06; step 105 scheduled: L = 640 -> round(0.046875, 2) = 0.05."""
-    thinking = T("<think>" + "w " * 20 + "</think>", calls=[("search", {"q": "a", "k": 5})])
+    thinking = Step("<think>" + "w " * 20 + "</think>", calls=[("search", {"q": "a", "k": 5})])
     final = "<think>" + "w " * 10 + "</think>"
     assert _reward(thinking, final, variant="with_length").components["length"] == pytest.approx(0.06)
     assert _reward(thinking, final, variant="with_length", length_schedule=True,
                    step=105).components["length"] == pytest.approx(0.05)
-    no_think = T("search", calls=[("search", {"q": "a", "k": 5})])
+    no_think = Step("search", calls=[("search", {"q": "a", "k": 5})])
     assert _reward(no_think, "done", variant="with_length").components["length"] == 0.0
-    long_think = T("<think>" + "w " * 600 + "</think>", calls=[("search", {"q": "a", "k": 5})])
+    long_think = Step("<think>" + "w " * 600 + "</think>", calls=[("search", {"q": "a", "k": 5})])
     assert _reward(long_think, "<think>d</think>", variant="with_length").components["length"] == 1.0
 
 

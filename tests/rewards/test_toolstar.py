@@ -7,12 +7,12 @@ from tirl.rewards.toolstar import format_error, toolstar_hierarchy, toolstar_mat
 from tirl.tasks.base import Problem
 from tirl.types import ToolStatus
 
-from tests.rewards.builders_a import T, alone, trajectory
+from tests.rewards.builders import Step, alone, trajectory
 
 QA = Problem(id="hotpot/0", question="Which city hosts the Eiffel Tower?", answer="Paris France")
 MATH = Problem(id="math/0", question="3/4?", answer="\\frac{3}{4}")
-SEARCH = T("<think>look it up</think>", calls=[("search", {"query": "eiffel tower"})])
-PYTHON = T("<think>compute</think>", calls=[("python", {"code": "print(1)"})])
+SEARCH = Step("<think>look it up</think>", calls=[("search", {"query": "eiffel tower"})])
+PYTHON = Step("<think>compute</think>", calls=[("python", {"code": "print(1)"})])
 
 
 def _reward(*turns, problem=QA, answered=None, **params):
@@ -48,7 +48,7 @@ def test_reference_no_boxed_is_minus_one():
     (("<think>a</think>\\boxed{x}",), "exactly one <answer>"),
     (("<think>a</think><answer>\\boxed{x}</answer><answer>y</answer>",), "exactly one <answer>"),
     (("<think>a</think></answer>\\boxed{x}<answer>",), "before"),
-    ((T("<think>a</think>", invalid=1), "<think>b</think><answer>\\boxed{x}</answer>"), "could not be parsed"),
+    ((Step("<think>a</think>", invalid=1), "<think>b</think><answer>\\boxed{x}</answer>"), "could not be parsed"),
     (("<think>a</think><answer>\\boxed{x</answer>",), "boxed"),
 ])
 def test_format_errors(turns, reason):
@@ -56,12 +56,12 @@ def test_format_errors(turns, reason):
 
 
 def test_format_valid_across_turns_and_tool_errors_are_not_format_errors():
-    failing = T("<think>a</think>", calls=[("search", {"query": ""})], statuses=[ToolStatus.EXECUTION_ERROR])
+    failing = Step("<think>a</think>", calls=[("search", {"query": ""})], statuses=[ToolStatus.EXECUTION_ERROR])
     assert format_error(trajectory(failing, "<think>b</think><answer>\\boxed{x}</answer>")) is None
 
 
 def test_multi_tools_parameter():
-    calc = T("<think>c</think>", calls=[("calculator", {"expression": "1+1"})])
+    calc = Step("<think>c</think>", calls=[("calculator", {"expression": "1+1"})])
     final = "<think>so</think><answer>\\boxed{Paris France}</answer>"
     assert _reward(SEARCH, calc, final, multi_tools=["search", "calculator"]).total == pytest.approx(1.1)
     assert _reward(SEARCH, calc, final).total == pytest.approx(1.0)
