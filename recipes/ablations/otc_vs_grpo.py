@@ -1,8 +1,10 @@
 """OTC-GRPO vs plain GRPO: tool calls per solved problem at equal held-out accuracy.
 
-The task is `arithmetic` with `check=true`: the system prompt asks the model to check every result
-with the calculator, and the SFT cold start does so (a second, inverse call), so after SFT the
-model makes about two calls where one computes the answer. Plain GRPO has no reason to drop the
+The task is `arithmetic` with `check=0.7`: the system prompt asks the model to check every result
+with the calculator, and 70% of the SFT cold-start traces do so (a second, inverse call), so after
+SFT the model usually makes two calls where one computes the answer, and sometimes one. (With every
+trace checking, the cold-started model always checks: no group then has a correct one-call sample,
+and no reward based on the group's calls can tell anything apart.) Plain GRPO has no reason to drop the
 check (it is paid for the answer only); OTC-GRPO (reference 3.2) pays less for more calls than the
 fewest any correct rollout of the question needed.
 
@@ -26,7 +28,7 @@ from pathlib import Path
 
 from tirl.rollout.io import read_jsonl
 
-COMMON = ["task.kwargs.check=true", "rollout.max_turns=4", "rollout.max_tool_calls=3", "eval.no_tools=false"]
+COMMON = ["task.kwargs.check=0.7", "rollout.max_turns=4", "rollout.max_tool_calls=3", "eval.no_tools=false"]
 SFT = ["sft.examples=96", "sft.epochs=2"]  # the default 48 x 1 teaches the first call but rarely the check
 ARMS = {"grpo": [], "otc_grpo": ["task.reward=otc_grpo", "task.reward_kwargs.c=3"]}
 

@@ -436,5 +436,16 @@ def test_check_variant_adds_an_inverse_check_call_to_sft_traces():
     assert "check the result" in task.system_prompt(True)
     assert "check" not in task.system_prompt(False)
     assert [p.question for p in problems] == [p.question for p in ArithmeticTask().sft_problems(12)]
-    with pytest.raises(ValueError, match="check must be true or false"):
+    with pytest.raises(ValueError, match="check must be a share between 0 and 1"):
         ArithmeticTask(check="yes")
+    with pytest.raises(ValueError, match="check must be a share between 0 and 1"):
+        ArithmeticTask(check=1.5)
+
+
+def test_check_share_of_sft_traces():
+    """check=0.5: about half of the SFT traces check their result; the same ones every time."""
+    traces = ArithmeticTask(check=0.5).sft_problems(200)
+    checked = [len(p.reference_calls) == 2 for p in traces]
+    assert 70 < sum(checked) < 130
+    assert checked == [len(p.reference_calls) == 2 for p in ArithmeticTask(check=0.5).sft_problems(200)]
+    assert all(len(p.reference_calls) == 1 for p in ArithmeticTask(check=0.0).sft_problems(50))

@@ -91,7 +91,7 @@ class ArithmeticTask(Task):
 
     def __init__(self, seed: int = 0, levels: Sequence[int] = DEFAULT_LEVELS, heldout_size: int = 100,
                  sft_ops: Sequence[str] = OPERATORS, max_digits: int = 4, tool: str = "calculator",
-                 check: bool = False):
+                 check: float = 0.0):
         """Validate the configuration; raises ValueError naming the bad keyword argument.
 
         `seed` fixes the train stream only; `levels` are the difficulty levels (from 1-5, default
@@ -99,18 +99,19 @@ class ArithmeticTask(Task):
         `heldout_size` is the held-out split's size;
         `sft_ops` are the operators of the narrow SFT set; `max_digits` bounds operand digits;
         `tool` is what the problems are meant to be solved with (`calculator` or `python`): it sets
-        the default tools, the system prompt and the SFT traces' calls. `check=True` asks the model
-        to check every result with a second call, and the SFT traces do so (the inverse operation:
-        "4821 * 37" = 178377, then "178377 / 37" = 4821): calls that a tool-efficiency reward (OTC)
-        can teach the model to save without losing accuracy, and that plain GRPO has no reason to drop.
+        the default tools, the system prompt and the SFT traces' calls. `check` > 0 asks the model to
+        check every result with a second call, and that share of the SFT traces do so (the inverse
+        operation: "4821 * 37" = 178377, then "178377 / 37" = 4821; true = 1.0): calls that a
+        tool-efficiency reward (OTC) can teach the model to save without losing accuracy, and that
+        plain GRPO has no reason to drop.
         """
         if tool not in TOOL_CHOICES:
             raise ValueError(f"tool must be one of {list(TOOL_CHOICES)}, got {tool!r}")
         self.tool = tool
         self.default_tools = (tool,)
-        if not isinstance(check, bool):
-            raise ValueError(f"check must be true or false, got {check!r}")
-        self.check = check
+        if not isinstance(check, (int, float)) or not 0.0 <= check <= 1.0:
+            raise ValueError(f"check must be a share between 0 and 1 (or true/false), got {check!r}")
+        self.check = float(check)
         self.seed = _check_int("seed", seed, lo=None)
         self.levels = _check_choices("levels", levels, LEVELS)
         self.heldout_size = _check_int("heldout_size", heldout_size, lo=1)
@@ -176,7 +177,8 @@ class ArithmeticTask(Task):
             generated = self._fresh(seen, "sft", i, self._sft_question)
             seen.add(generated.question)
             problem = _problem(f"arithmetic/sft/{i}", 1, generated, self.tool)
-            problems.append(_with_check(problem, self.tool) if self.check else problem)
+            checks = self.check > 0 and _rng("arithmetic", "check", i).random() < self.check
+            problems.append(_with_check(problem, self.tool) if checks else problem)
         return problems
 
     def _sft_question(self, rng: random.Random) -> Generated:
