@@ -9,7 +9,9 @@ check (it is paid for the answer only); OTC-GRPO (reference 3.2) pays less for m
 fewest any correct rollout of the question needed.
 
 Both arms start from the same SFT checkpoint, use the same seed, data, batch and steps, and are
-evaluated on the same held-out split (greedy). Run from the repository root:
+evaluated on the same held-out split twice: greedy (the pipeline's own evaluation), and sampled as in
+training (temperature 1, 4 samples per problem), which shows the policy's propensity to call where
+greedy decoding hides it behind one mode. Run from the repository root:
 
     python recipes/ablations/otc_vs_grpo.py [--steps 24] [--seed 0] [--out runs/otc_vs_grpo]
 
@@ -33,18 +35,25 @@ SFT = ["sft.examples=96", "sft.epochs=2"]  # the default 48 x 1 teaches the firs
 ARMS = {"grpo": [], "otc_grpo": ["task.reward=otc_grpo", "task.reward_kwargs.c=3"]}
 
 
-def tirl_train(run_dir: Path, overrides: list[str]) -> None:
-    cmd = [sys.executable, "-m", "tirl.cli", "train", f"run.dir={run_dir}", *COMMON, *overrides]
+SAMPLED = ["eval.temperature=1.0", "eval.samples=4"]
+
+
+def tirl(command: str, run_dir: Path, overrides: list[str]) -> None:
+    cmd = [sys.executable, "-m", "tirl.cli", command, f"run.dir={run_dir}", *COMMON, *overrides]
     print("+", " ".join(cmd[2:]), flush=True)
     subprocess.run(cmd, check=True)
 
 
-def per_problem(path: Path) -> dict[str, tuple[bool, int]]:
-    """task id -> (correct, tool calls) of the greedy sample."""
-    return {t.meta.task_id: (bool(t.correct), len(t.tool_results)) for t in read_jsonl(path)}
+def per_problem(path: Path) -> dict[str, list[tuple[bool, int]]]:
+    """task id -> (correct, tool calls) of each of its samples."""
+    out: dict[str, list[tuple[bool, int]]] = {}
+    for t in read_jsonl(path):
+        out.setdefault(t.meta.task_id, []).append((bool(t.correct), len(t.tool_results)))
+    return out
 
 
-def stats(rows: list[tuple[bool, int]]) -> dict[str, float]:
+def stats(problems: list[list[tuple[bool, int]]]) -> dict[str, float]:
+    rows = [sample for samples in problems for sample in samples]
     solved = [calls for ok, calls in rows if ok]
     calls = sum(c for _, c in rows)
     return {"accuracy": len(solved) / len(rows), "calls_per_problem": calls / len(rows),
@@ -72,31 +81,48 @@ def main() -> int:
     out, seed = args.out, [f"run.seed={args.seed}", *args.overrides]
     sft = out / "sft"
     if not (sft / "results.json").exists():
-        tirl_train(sft, [*seed, *SFT, "pipeline.rl=false", "pipeline.eval_before=false"])
+        tirl("train", sft, [*seed, *SFT, "pipeline.rl=false", "pipeline.eval_before=false"])
+    models = {"sft": sft / "models" / "sft"}
     for arm, extra in ARMS.items():
         if not (out / arm / "results.json").exists():
-            tirl_train(out / arm, [*seed, f"model.name={sft / 'models' / 'sft'}", "pipeline.sft=false",
-                                   "pipeline.eval_before=false", f"rl.steps={args.steps}", *extra])
-    evals = {"sft": per_problem(sft / "eval" / "sft.jsonl"),
-             **{arm: per_problem(out / arm / "eval" / "final.jsonl") for arm in ARMS}}
-    table = {name: stats(list(rows.values())) for name, rows in evals.items()}
-    g, o = table["grpo"], table["otc_grpo"]
-    summary = {"table": table,
-               "calls_per_solved_reduction": 1 - o["calls_per_solved"] / g["calls_per_solved"],
-               "accuracy_difference": o["accuracy"] - g["accuracy"],
-               "ci95_accuracy_difference": paired_bootstrap(evals["grpo"], evals["otc_grpo"], "accuracy"),
-               "ci95_calls_per_solved_difference": paired_bootstrap(evals["grpo"], evals["otc_grpo"],
-                                                                    "calls_per_solved"),
-               "steps": args.steps, "seed": args.seed}
-    print(f"{'model':10} {'accuracy':>9} {'calls/problem':>14} {'calls/solved':>13} {'TP':>6}")
-    for name, s in table.items():
-        print(f"{name:10} {s['accuracy']:9.3f} {s['calls_per_problem']:14.2f} {s['calls_per_solved']:13.2f} "
-              f"{s['tool_productivity']:6.3f}")
-    lo, hi = summary["ci95_accuracy_difference"]
-    print(f"OTC vs GRPO: calls per solved problem {-100 * summary['calls_per_solved_reduction']:+.1f}%, "
-          f"accuracy {100 * summary['accuracy_difference']:+.1f} points (95% CI {100 * lo:+.1f} .. {100 * hi:+.1f})")
+            tirl("train", out / arm, [*seed, f"model.name={models['sft']}", "pipeline.sft=false",
+                                      "pipeline.eval_before=false", f"rl.steps={args.steps}", *extra])
+        models[arm] = out / arm / "models" / "final"
+    for name, model in models.items():
+        if not (out / f"{name}_sampled" / "results.json").exists():
+            tirl("train", out / f"{name}_sampled", [*seed, f"model.name={model}", "pipeline.sft=false",
+                                                    "pipeline.rl=false", "eval.no_tools=false", *SAMPLED])
+    greedy = {"sft": per_problem(sft / "eval" / "sft.jsonl"),
+              **{arm: per_problem(out / arm / "eval" / "final.jsonl") for arm in ARMS}}
+    sampled = {name: per_problem(out / f"{name}_sampled" / "eval" / "eval.jsonl") for name in models}
+    summary = {"greedy": compare(greedy), "sampled": compare(sampled), "steps": args.steps, "seed": args.seed}
+    for mode in ("greedy", "sampled"):
+        show(mode, summary[mode])
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return 0
+
+
+def compare(evals: dict[str, dict[str, list[tuple[bool, int]]]]) -> dict:
+    table = {name: stats(list(rows.values())) for name, rows in evals.items()}
+    g, o = table["grpo"], table["otc_grpo"]
+    return {"table": table,
+            "calls_per_solved_reduction": 1 - o["calls_per_solved"] / g["calls_per_solved"],
+            "accuracy_difference": o["accuracy"] - g["accuracy"],
+            "ci95_accuracy_difference": paired_bootstrap(evals["grpo"], evals["otc_grpo"], "accuracy"),
+            "ci95_calls_per_solved_difference": paired_bootstrap(evals["grpo"], evals["otc_grpo"],
+                                                                 "calls_per_solved")}
+
+
+def show(mode: str, c: dict) -> None:
+    print(f"\n{mode}:\n{'model':10} {'accuracy':>9} {'calls/problem':>14} {'calls/solved':>13} {'TP':>6}")
+    for name, s in c["table"].items():
+        print(f"{name:10} {s['accuracy']:9.3f} {s['calls_per_problem']:14.2f} {s['calls_per_solved']:13.2f} "
+              f"{s['tool_productivity']:6.3f}")
+    lo, hi = c["ci95_accuracy_difference"]
+    clo, chi = c["ci95_calls_per_solved_difference"]
+    print(f"OTC vs GRPO: calls per solved problem {-100 * c['calls_per_solved_reduction']:+.1f}% "
+          f"(difference 95% CI {clo:+.2f} .. {chi:+.2f}), accuracy {100 * c['accuracy_difference']:+.1f} points "
+          f"(95% CI {100 * lo:+.1f} .. {100 * hi:+.1f})")
 
 
 if __name__ == "__main__":
