@@ -95,7 +95,10 @@ def greedy_assignment(scores: np.ndarray) -> list[int | None]:
 
 def hungarian_assignment(scores: np.ndarray) -> list[int | None]:
     """Maximum-weight one-to-one assignment (scipy's `linear_sum_assignment`), pairs with score > 0 only."""
-    from scipy.optimize import linear_sum_assignment  # lazy: scipy is only needed here
+    try:
+        from scipy.optimize import linear_sum_assignment  # lazy: scipy is only needed here
+    except ImportError:
+        raise ImportError("matchtir with hungarian=true needs scipy: pip install 'tirl[algos]' (or scipy)") from None
 
     assignment: list[int | None] = [None] * scores.shape[0]
     if scores.size:
