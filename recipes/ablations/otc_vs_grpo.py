@@ -1,8 +1,9 @@
 """OTC-GRPO vs plain GRPO: tool calls per solved problem at equal held-out accuracy.
 
-The task is `arithmetic` with `check=0.7`: the system prompt asks the model to check every result
-with the calculator, and 70% of the SFT cold-start traces do so (a second, inverse call), so after
-SFT the model usually makes two calls where one computes the answer, and sometimes one. (With every
+The task is `arithmetic` with `check=0.85`: the system prompt asks the model to check every result
+with the calculator, and 85% of the SFT cold-start traces do so (a second call that computes the
+same number again), so after SFT the model usually makes two calls where one gives the answer, and
+sometimes one. (With every
 trace checking, the cold-started model always checks: no group then has a correct one-call sample,
 and no reward based on the group's calls can tell anything apart.) Plain GRPO has no reason to drop the
 check (it is paid for the answer only); OTC-GRPO (reference 3.2) pays less for more calls than the
@@ -30,7 +31,7 @@ from pathlib import Path
 
 from tirl.rollout.io import read_jsonl
 
-COMMON = ["task.kwargs.check=0.7", "rollout.max_turns=4", "rollout.max_tool_calls=3", "eval.no_tools=false"]
+COMMON = ["task.kwargs.check=0.85", "rollout.max_turns=4", "rollout.max_tool_calls=3", "eval.no_tools=false"]
 SFT = ["sft.examples=96", "sft.epochs=2"]  # the default 48 x 1 teaches the first call but rarely the check
 ARMS = {"grpo": [], "otc_grpo": ["task.reward=otc_grpo", "task.reward_kwargs.c=3"]}
 

@@ -424,7 +424,7 @@ def test_train_levels_take_turns(levels):
 
 
 def test_check_variant_adds_an_inverse_check_call_to_sft_traces():
-    """check=True: "a op b" = r is followed by the call "r inv b", whose value is a."""
+    """check=True: "a op b" = r is followed by a call that computes r again ("b op a" where op commutes)."""
     from tirl.tasks.arithmetic import evaluate_ascii
 
     task = ArithmeticTask(check=True)
@@ -432,7 +432,8 @@ def test_check_variant_adds_an_inverse_check_call_to_sft_traces():
     for p in problems:
         first, second = (c.arguments["expression"] for c in p.reference_calls)
         assert first == p.info["expression"] and evaluate_ascii(first) == int(p.answer)
-        assert second.startswith(p.answer + " ") and evaluate_ascii(second) == int(first.split(" ")[0])
+        a, op, b = first.split(" ")
+        assert second == (f"{b} {op} {a}" if op in "+*" else first) and evaluate_ascii(second) == int(p.answer)
     assert "check the result" in task.system_prompt(True)
     assert "check" not in task.system_prompt(False)
     assert [p.question for p in problems] == [p.question for p in ArithmeticTask().sft_problems(12)]

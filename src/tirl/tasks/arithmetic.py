@@ -100,10 +100,9 @@ class ArithmeticTask(Task):
         `sft_ops` are the operators of the narrow SFT set; `max_digits` bounds operand digits;
         `tool` is what the problems are meant to be solved with (`calculator` or `python`): it sets
         the default tools, the system prompt and the SFT traces' calls. `check` > 0 asks the model to
-        check every result with a second call, and that share of the SFT traces do so (the inverse
-        operation: "4821 * 37" = 178377, then "178377 / 37" = 4821; true = 1.0): calls that a
-        tool-efficiency reward (OTC) can teach the model to save without losing accuracy, and that
-        plain GRPO has no reason to drop.
+        check every result with a second call, and that share of the SFT traces do so (computing it
+        again: "4821 * 37", then "37 * 4821"; true = 1.0): calls that a tool-efficiency reward (OTC)
+        can teach the model to save without losing accuracy, and that plain GRPO has no reason to drop.
         """
         if tool not in TOOL_CHOICES:
             raise ValueError(f"tool must be one of {list(TOOL_CHOICES)}, got {tool!r}")
@@ -209,16 +208,14 @@ class ArithmeticTask(Task):
         raise RuntimeError(f"{split} problem {index}: no new question in {_MAX_ATTEMPTS} attempts")
 
 
-_INVERSE = {"+": "-", "-": "+", "*": "/", "/": "*"}
-
-
 def _with_check(problem: Problem, tool: str) -> Problem:
-    """The SFT problem `a op b` with a second reference call that checks the result r by the inverse
-    operation (`r inv b`, which gives back a)."""
+    """The SFT problem `a op b` with a second reference call that checks the result by computing it
+    again: `b op a` where op commutes, else `a op b` once more. The check gives the same number, so
+    the answer after it is the same as without it: a call a tool-efficient policy can save."""
     a, op, b = problem.info["expression"].split(" ")
-    expression = f"{problem.answer} {_INVERSE[op]} {b}"
-    if evaluate_ascii(expression) != int(a):
-        raise AssertionError(f"check of {problem.info['expression']} = {problem.answer} does not give back {a}")
+    expression = f"{b} {op} {a}" if op in "+*" else f"{a} {op} {b}"
+    if evaluate_ascii(expression) != int(problem.answer):
+        raise AssertionError(f"check {expression} of {problem.info['expression']} does not give {problem.answer}")
     if tool == "python":
         call = ToolCall(id="call_1", name="python", arguments={"code": expression.replace("/", "//")})
     else:
