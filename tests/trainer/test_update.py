@@ -273,12 +273,15 @@ def _capture_loss(inp):
     return POLICY_LOSSES.get("ppo_clip")(inp)
 
 
-if "test_capture_inputs" not in ADVANTAGES:
-    ADVANTAGES.add("test_capture_inputs", _capture_advantage)
-    POLICY_LOSSES.add("test_capture_inputs", _capture_loss)
+@pytest.fixture
+def capture_registered(monkeypatch):
+    """The capturing estimator and loss, registered for this test only (the registries are global)."""
+    for registry, fn in ((ADVANTAGES, _capture_advantage), (POLICY_LOSSES, _capture_loss)):
+        monkeypatch.setitem(registry._items, "test_capture_inputs", fn)
+        monkeypatch.setitem(registry._docs, "test_capture_inputs", "captures its input (test)")
 
 
-def test_estimator_and_loss_get_correctness_tool_calls_and_entropy(tiny_model_dir):
+def test_estimator_and_loss_get_correctness_tool_calls_and_entropy(tiny_model_dir, capture_registered):
     """AdvantageInput.correct is 1/0/NaN from Trajectory.correct, tool_calls counts each row's tool results;
     PolicyLossInput.entropy is the detached token entropy of the forward."""
     from tirl.trainer.forward import response_logprobs
