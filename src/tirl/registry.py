@@ -1,7 +1,9 @@
 """A name -> object registry: the one extension mechanism of tirl (DESIGN.md section 5).
 
 A duplicate name raises; an unknown name raises and lists the valid names; `module:attr` paths
-load user objects without registering them. Standard library only.
+load user objects without registering them. A registry given an entry-point group also holds what
+installed packages declare there (`[project.entry-points."tirl.tasks"] my_task = "pkg.mod:MyTask"`),
+loaded on first lookup; a broken entry point is an error naming it. Standard library only.
 """
 
 from __future__ import annotations
@@ -23,10 +25,30 @@ class RegistryError(KeyError):
 class Registry(Generic[T]):
     """Maps names to plain functions or classes of one kind (`what` names the kind in errors)."""
 
-    def __init__(self, what: str):
+    def __init__(self, what: str, entry_point_group: str | None = None):
         self.what = what
+        self.entry_point_group = entry_point_group
+        """Group of installed packages' entry points registered here on first lookup (None: none)."""
         self._items: dict[str, T] = {}
         self._docs: dict[str, str] = {}
+        self._entry_points_loaded = entry_point_group is None
+
+    def _load_entry_points(self) -> None:
+        """Register every entry point of `entry_point_group` not registered yet (once)."""
+        if self._entry_points_loaded:
+            return
+        self._entry_points_loaded = True
+        from importlib.metadata import entry_points
+
+        for ep in entry_points(group=self.entry_point_group):
+            if ep.name in self._items:
+                continue
+            try:
+                obj = ep.load()
+            except Exception as e:  # an installed package's bug: name it, do not hide it
+                raise RegistryError(f"{self.what} entry point {ep.name!r} = {ep.value!r} (group "
+                                    f"{self.entry_point_group!r}) failed to load: {type(e).__name__}: {e}") from e
+            self.add(ep.name, obj)
 
     def register(self, name: str, doc: str | None = None) -> Callable[[T], T]:
         """Decorator that registers the decorated object under `name`."""
@@ -46,6 +68,8 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         """The object registered as `name`, or loaded from a `module:attr` path."""
+        if name not in self._items and ":" not in name:
+            self._load_entry_points()
         if name in self._items:
             return self._items[name]
         if ":" in name:
@@ -55,15 +79,19 @@ class Registry(Generic[T]):
 
     def describe(self) -> dict[str, str]:
         """Name -> one-line description, sorted by name."""
+        self._load_entry_points()
         return {k: self._docs[k] for k in sorted(self._items)}
 
     def __contains__(self, name: object) -> bool:
+        self._load_entry_points()
         return name in self._items
 
     def __iter__(self) -> Iterator[str]:
+        self._load_entry_points()
         return iter(sorted(self._items))
 
     def __len__(self) -> int:
+        self._load_entry_points()
         return len(self._items)
 
 

@@ -60,7 +60,7 @@ RewardFn = Callable[..., Any]
 """`fn(trajectory, problem, group, **params)` returning float, dict[str, float] or RewardResult (or an
 awaitable of one)."""
 
-REWARDS: Registry[RewardFn] = Registry("reward")
+REWARDS: Registry[RewardFn] = Registry("reward", entry_point_group="tirl.rewards")
 """Reward functions by name."""
 
 RewardSpec = Union[str, Mapping[str, Any]]

@@ -9,10 +9,15 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tirl.registry import Registry
 from tirl.types import ToolCall
+
+if TYPE_CHECKING:
+    from tirl.envs.base import Env
+    from tirl.envs.tool_env import ToolLimits
+    from tirl.tools.toolset import ToolSet
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,8 @@ class Task(ABC):
     """Names of the tools the task is meant to be solved with."""
     default_reward: str = ""
     """Name of the reward function (in `tirl.rewards.REWARDS`) that scores this task."""
+    problem_tools: bool = False
+    """True when each problem brings its own tools (shown by `make_env`), not the run's `task.tools`."""
 
     @abstractmethod
     def system_prompt(self, with_tools: bool) -> str:
@@ -57,10 +64,23 @@ class Task(ABC):
         """Problems with `reference_calls` for the SFT cold start (narrow on purpose); default none."""
         raise NotImplementedError(f"task {self.name!r} has no SFT traces")
 
+    def tool_settings(self) -> dict[str, dict[str, Any]]:
+        """Default `tools.<name>` settings the task's tools need (its search corpus, say); a recipe's
+        `tools.<name>` keys override them key by key."""
+        return {}
+
+    def make_env(self, problem: Problem, tools: ToolSet, limits: ToolLimits, with_tools: bool) -> Env:
+        """One episode of `problem`. `tools` is a fresh session of the run's tools (empty when `with_tools`
+        is false, the no-tool baseline). Default: a `ToolEnv` with `system_prompt(with_tools)`."""
+        from tirl.envs.tool_env import ToolEnv
+
+        return ToolEnv(problem, self.system_prompt(with_tools), tools, limits)
+
     def final_answer_text(self, problem: Problem) -> str:
         """How a correct final assistant message looks (used for SFT traces)."""
         return f"<answer>{problem.answer}</answer>"
 
 
-TASKS: Registry[type[Task]] = Registry("task")
-"""Task classes by name; `task.name` in a recipe picks one, `task.kwargs` go to its constructor."""
+TASKS: Registry[type[Task]] = Registry("task", entry_point_group="tirl.tasks")
+"""Task classes by name; `task.name` in a recipe picks one, `task.kwargs` go to its constructor. Installed
+packages add theirs through the `tirl.tasks` entry-point group."""

@@ -422,7 +422,7 @@ def check_tool(t: Tool) -> None:
 # ---------------------------------------------------------------------------------------------------
 # Registry
 
-TOOLS: Registry[Tool] = Registry("tool")
+TOOLS: Registry[Tool] = Registry("tool", entry_point_group="tirl.tools")
 """Tool instances by name. Built-in tools register themselves when `tirl.tools` is imported."""
 
 

@@ -20,7 +20,8 @@ from tirl.backends.base import Generator
 from tirl.backends.hf import HFBackend
 from tirl.chat.format import ChatFormat, load_chat_format, template_supports_tools
 from tirl.config import Config, ModelConfig, TaskConfig
-from tirl.envs.tool_env import ToolEnv, ToolLimits
+from tirl.envs.base import Env
+from tirl.envs.tool_env import ToolLimits
 from tirl.errors import ConfigError, DataError
 from tirl.models import loading
 from tirl.registry import RegistryError
@@ -182,10 +183,18 @@ def tool_names(cfg: TaskConfig, task: Task) -> list[str]:
     return cfg.tools if cfg.tools is not None else list(task.default_tools)
 
 
+def tool_settings(cfg: Config, task: Task) -> dict[str, dict[str, Any]]:
+    """`tools.<name>` settings: the task's defaults (`Task.tool_settings`), overridden key by key by the recipe."""
+    merged = {name: dict(values) for name, values in task.tool_settings().items()}
+    for name, values in cfg.tools.items():
+        merged[name] = {**merged.get(name, {}), **values}
+    return merged
+
+
 def check_tools(cfg: Config, task: Task) -> None:
     """Names and `tools.<name>` settings checked without building anything."""
     try:
-        check_toolset(tool_names(cfg.task, task), cfg.tools)
+        check_toolset(tool_names(cfg.task, task), tool_settings(cfg, task))
     except (RegistryError, TypeError, ValueError) as e:
         raise ConfigError(f"task.tools: {e}" if not str(e).startswith("tools.") else str(e)) from None
 
@@ -193,7 +202,7 @@ def check_tools(cfg: Config, task: Task) -> None:
 def build_tools(cfg: Config, task: Task) -> ToolSet:
     """The run's tools, configured from `tools.<name>`; call `shutdown()` on it at the end."""
     try:
-        return build_toolset(tool_names(cfg.task, task), cfg.tools)
+        return build_toolset(tool_names(cfg.task, task), tool_settings(cfg, task))
     except (RegistryError, TypeError, ValueError) as e:
         raise ConfigError(f"task.tools: {e}" if not str(e).startswith("tools.") else str(e)) from None
 
@@ -273,19 +282,22 @@ def turn_limits(cfg: Config, model) -> TurnLimits:
 
 
 class EnvFactory:
-    """Makes one `ToolEnv` per trajectory; `with_tools=False` is the no-tool baseline."""
+    """Makes one env per trajectory (`Task.make_env`; a `ToolEnv` by default); `with_tools=False` is the
+    no-tool baseline."""
 
     def __init__(self, task: Task, tools: ToolSet, cfg: Config, fmt: ChatFormat, with_tools: bool = True):
         self.task = task
+        self.with_tools = with_tools
         self.tools = tools if with_tools else ToolSet([])
-        self.system_prompt = task.system_prompt(with_tools)
         r = cfg.rollout
         self.limits = ToolLimits(max_tool_calls=r.max_tool_calls, timeout_s=r.tool_timeout_s,
                                  max_output_chars=r.max_tool_output_chars)
-        if len(self.tools) and not template_supports_tools(fmt.tokenizer, fmt.template):
-            raise ConfigError(f"tools {self.tools.names} are configured but chat template {fmt.name!r} never "
-                              "shows them to the model; use model.chat_template=auto or chatml-tools")
+        shows_tools = len(self.tools) or (with_tools and task.problem_tools)
+        if shows_tools and not template_supports_tools(fmt.tokenizer, fmt.template):
+            what = f"tools {self.tools.names} are configured" if len(self.tools) else f"task {task.name!r} gives tools"
+            raise ConfigError(f"{what} but chat template {fmt.name!r} never shows them to the model; use "
+                              "model.chat_template=auto or chatml-tools")
 
-    def __call__(self, problem: Problem) -> ToolEnv:
+    def __call__(self, problem: Problem) -> Env:
         """A new env with its own session view of the tools (closed with the env)."""
-        return ToolEnv(problem, self.system_prompt, self.tools.session(), self.limits)
+        return self.task.make_env(problem, self.tools.session(), self.limits, self.with_tools)
