@@ -54,3 +54,19 @@ def test_render_then_parse_round_trip(name, args):
     call = ToolCall("call_0", name, args)
     [p] = parse_tool_calls(render_tool_call(call))
     assert p.call == call
+
+
+def test_fenced_json_call_is_read_when_no_tag_is_present():
+    """Qwen2.5-Coder writes calls as fenced JSON; such a block is a call, other fenced blocks are text."""
+    text = 'I will compute it.\n```json\n{"name": "python", "arguments": {"code": "print({1: 2})"}}\n```\nDone.'
+    (call,) = parse_tool_calls(text)
+    assert call.call is not None and call.call.name == "python"
+    assert call.call.arguments == {"code": "print({1: 2})"}
+    assert parse_tool_calls('```python\nprint(1)\n```\n```json\n{"a": 1}\n```') == []
+    (bad,) = parse_tool_calls('```json\n{"name": "python", "arguments": {"code": "x" / 2}}\n```')
+    assert bad.call is None and "invalid JSON" in bad.error
+
+
+def test_fenced_json_is_ignored_when_tags_are_used():
+    text = '<tool_call>{"name": "a", "arguments": {}}</tool_call> ```json\n{"name": "b", "arguments": {}}\n```'
+    assert [p.call.name for p in parse_tool_calls(text)] == ["a"]

@@ -2,6 +2,11 @@
 
 Parsing never raises: every block the model opened becomes a `ParsedCall`, valid or with an error
 message that the env returns to the model as an `invalid_call` result (DESIGN.md invariant 4).
+
+Qwen2.5-Coder models often write a call as a fenced JSON block instead, ```` ```json {"name": ...,
+"arguments": {...}} ``` ````. In an output with no `<tool_call>` tag, a fenced block whose JSON is an
+object with a "name" key is read as a call (one whose "arguments" are wrong is an `invalid_call`);
+fenced blocks of anything else (code, other JSON) are text, not call attempts.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from tirl.types import ToolCall
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _BLOCK = re.compile(re.escape(OPEN) + r"(.*?)(" + re.escape(CLOSE) + r"|$)", re.DOTALL)
+_FENCED = re.compile(r"```(?:json|JSON)?[ \t]*\n?(\{.*?\})\s*```", re.DOTALL)
 _SHAPE = 'a tool call must be a JSON object {"name": "<tool name>", "arguments": {...}}'
 
 
@@ -31,6 +37,8 @@ class ParsedCall:
 
 def parse_tool_calls(text: str, id_prefix: str = "call") -> list[ParsedCall]:
     """Every tool-call block in `text`, in order; ids are `<id_prefix>_<k>`."""
+    if OPEN not in text:
+        return _fenced_calls(text, id_prefix)
     out: list[ParsedCall] = []
     for k, m in enumerate(_BLOCK.finditer(text)):
         body, closed = m.group(1), bool(m.group(2))
@@ -38,6 +46,22 @@ def parse_tool_calls(text: str, id_prefix: str = "call") -> list[ParsedCall]:
             out.append(ParsedCall(raw=body, error=f"unterminated {OPEN}: the call must end with {CLOSE}"))
             continue
         out.append(_parse_body(body, f"{id_prefix}_{k}"))
+    return out
+
+
+def _fenced_calls(text: str, id_prefix: str) -> list[ParsedCall]:
+    """Fenced JSON blocks shaped like a call (an object with a "name" key), in order."""
+    out: list[ParsedCall] = []
+    for m in _FENCED.finditer(text):
+        try:
+            obj = json.loads(m.group(1))
+        except json.JSONDecodeError:
+            if not re.match(r'\{\s*"name"\s*:', m.group(1)):
+                continue  # JSON-looking text that is no call attempt
+            obj = None
+        if obj is not None and not (isinstance(obj, dict) and "name" in obj):
+            continue
+        out.append(_parse_body(m.group(1), f"{id_prefix}_{len(out)}"))
     return out
 
 
