@@ -25,19 +25,26 @@ class RegistryError(KeyError):
 class Registry(Generic[T]):
     """Maps names to plain functions or classes of one kind (`what` names the kind in errors)."""
 
-    def __init__(self, what: str, entry_point_group: str | None = None):
+    def __init__(self, what: str, entry_point_group: str | None = None, modules: tuple[str, ...] = ()):
         self.what = what
         self.entry_point_group = entry_point_group
         """Group of installed packages' entry points registered here on first lookup (None: none)."""
+        self.modules = modules
+        """Modules imported on first lookup because importing them registers entries here (built-ins that
+        cannot be imported eagerly without an import cycle or a heavy import)."""
         self._items: dict[str, T] = {}
         self._docs: dict[str, str] = {}
-        self._entry_points_loaded = entry_point_group is None
+        self._entry_points_loaded = entry_point_group is None and not modules
 
     def _load_entry_points(self) -> None:
-        """Register every entry point of `entry_point_group` not registered yet (once)."""
+        """Import `modules`, then register every entry point of `entry_point_group` not registered yet (once)."""
         if self._entry_points_loaded:
             return
         self._entry_points_loaded = True
+        for module in self.modules:
+            importlib.import_module(module)
+        if self.entry_point_group is None:
+            return
         from importlib.metadata import entry_points
 
         for ep in entry_points(group=self.entry_point_group):

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from tirl.registry import Registry, RegistryError
-from tirl.tasks.base import Problem
+from tirl.tasks.base import BUILTIN_TASK_MODULES, Problem
 from tirl.types import Trajectory
 
 
@@ -60,7 +60,7 @@ RewardFn = Callable[..., Any]
 """`fn(trajectory, problem, group, **params)` returning float, dict[str, float] or RewardResult (or an
 awaitable of one)."""
 
-REWARDS: Registry[RewardFn] = Registry("reward", entry_point_group="tirl.rewards")
+REWARDS: Registry[RewardFn] = Registry("reward", entry_point_group="tirl.rewards", modules=BUILTIN_TASK_MODULES)
 """Reward functions by name."""
 
 RewardSpec = Union[str, Mapping[str, Any]]

@@ -81,6 +81,12 @@ class Task(ABC):
         return f"<answer>{problem.answer}</answer>"
 
 
-TASKS: Registry[type[Task]] = Registry("task", entry_point_group="tirl.tasks")
+BUILTIN_TASK_MODULES: tuple[str, ...] = (
+    "tirl.tasks.math_python",
+)
+"""Task-suite modules imported on the first lookup in `TASKS` (or `REWARDS`: they register their rewards too).
+Not imported with `tirl.tasks`, because they import `tirl.rewards`, which imports this module."""
+
+TASKS: Registry[type[Task]] = Registry("task", entry_point_group="tirl.tasks", modules=BUILTIN_TASK_MODULES)
 """Task classes by name; `task.name` in a recipe picks one, `task.kwargs` go to its constructor. Installed
 packages add theirs through the `tirl.tasks` entry-point group."""
