@@ -115,10 +115,10 @@ def _fmt(v: Any) -> str:
 
 
 def figure_html(plot: Plot) -> str:
-    """The plot as an inline PNG (data URI) with its title as caption and alt text."""
+    """The plot as an inline PNG (data URI); its title (drawn in the image) is the alt text."""
     data = base64.b64encode(plot.png).decode("ascii")
     return (f'<figure class="plot" data-plot="{esc(plot.name)}"><img alt="{esc(plot.title)}" '
-            f'src="data:image/png;base64,{data}"><figcaption>{esc(plot.title)}</figcaption></figure>')
+            f'title="{esc(plot.title)}" src="data:image/png;base64,{data}"></figure>')
 
 
 def plots_html(plots: list[Plot], absent: str, wide: bool = False) -> str:
