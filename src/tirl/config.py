@@ -387,9 +387,24 @@ class SFTConfig(_Section):
 
 class EvalConfig(_Section):
     size: int | None = Field(None, ge=1, description="Held-out problems used (default: the whole split).")
-    samples: int = Field(1, ge=1, description="k samples per problem.")
+    samples: int = Field(1, ge=1, description="k samples per problem (pass@k for every k up to it).")
     temperature: float = Field(0.0, ge=0.0, description="0: greedy.")
     no_tools: bool = Field(True, description="Also evaluate without tools (what tools bring).")
+    concurrency: int | None = Field(None, ge=1, description=(
+        "Trajectories in flight at once: the openai backend's requests in flight, the hf generation batch "
+        "(default: backend.openai.max_concurrency, rollout.max_batch_size)."))
+    bootstrap_resamples: int = Field(1000, ge=0, description="Bootstrap resamples of the problems for the "
+                                                             "confidence intervals (0: no intervals).")
+    ci_level: float = Field(0.95, gt=0, lt=1, description="Confidence level of the intervals.")
+    calibration_bins: int = Field(10, ge=1, description="Equal-width confidence bins of the ECE (where the "
+                                                        "reward asks for a confidence).")
+
+    @model_validator(mode="after")
+    def _samples_need_sampling(self) -> EvalConfig:
+        if self.samples > 1 and self.temperature == 0:
+            raise ValueError(f"samples={self.samples} with temperature=0 gives {self.samples} identical greedy "
+                             "samples (pass@k = pass@1); set a temperature > 0 (e.g. 1.0) or samples=1")
+        return self
 
 
 class PipelineConfig(_Section):
