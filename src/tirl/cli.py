@@ -2,7 +2,9 @@
 
     tirl train [recipe.yaml] [key=value ...]     eval -> SFT -> eval -> RL -> eval (no recipe: the embedded default)
     tirl sft   [recipe.yaml] [key=value ...]     SFT cold start only
-    tirl eval  --model PATH_OR_NAME --task NAME [key=value ...]
+    tirl eval  --model M [--task T] [--samples K --temperature X] [--size N] [--concurrency C]
+               [--backend hf|vllm|openai] [--base-url URL] [--no-tools] [--out DIR] [key=value ...]
+                                                 evaluate a model, run directory or checkpoint (or a served model)
     tirl tools | envs | algos                    list what is registered
     tirl serve-tools [--tools NAME ...] [--config FILE] [--host H] [--port P] [--token T]
                                                  serve tools over HTTP (client: the `remote` tool)
@@ -13,7 +15,6 @@ A `TirlError` (bad config, missing model, ...) prints one line and exits with st
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 
 from tirl.errors import TirlError
@@ -41,9 +42,9 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("items", nargs="*", help="an optional recipe.yaml, then key=value overrides")
         sp.set_defaults(func=func)
     ev = sub.add_parser("eval", help="evaluate a model on a task's held-out split")
-    ev.add_argument("--model", required=True, help="embedded:<name>, a local directory or a Hub id")
-    ev.add_argument("--task", default="arithmetic")
-    ev.add_argument("items", nargs="*", help="an optional recipe.yaml, then key=value overrides")
+    from tirl.eval.command import add_arguments
+
+    add_arguments(ev)
     ev.set_defaults(func=_eval)
     for name, func in (("tools", _tools), ("envs", _envs), ("algos", _algos)):
         sub.add_parser(name, help=f"list registered {name}").set_defaults(func=func)
@@ -84,16 +85,9 @@ def _sft(args) -> int:
 
 
 def _eval(args) -> int:
-    from tirl.config import load_config
-    from tirl.trainer.pipeline import run_pipeline
+    from tirl.eval.command import run_command
 
-    recipe, overrides = _split(args.items)
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", args.model).strip("_")
-    base = [f"model.name={args.model}", f"task.name={args.task}", f"run.name=eval-{slug}-{args.task}",
-            "pipeline.sft=false", "pipeline.rl=false", "pipeline.eval_before=true",
-            "pipeline.eval_after_sft=false", "pipeline.eval_after=false"]
-    run_pipeline(load_config(recipe, [*base, *overrides]))
-    return 0
+    return run_command(args)
 
 
 def _list(title: str, entries: dict[str, str]) -> None:

@@ -19,11 +19,11 @@ from rich.table import Table
 from tirl import __version__
 from tirl.config import Config
 from tirl.errors import ResumeError
-from tirl.eval.runner import eval_problems, run_eval
+from tirl.eval.runner import evaluate_model
 from tirl.models import loading
 from tirl.rewards.judge import close_judges
-from tirl.trainer.build import (EnvFactory, build_reward, build_task, build_tools, load_policy, make_backend,
-                                pick_device, preflight, setup_threads, turn_limits)
+from tirl.trainer.build import (build_reward, build_task, build_tools, load_policy, pick_device, preflight,
+                                setup_threads)
 from tirl.trainer.display import console
 from tirl.trainer.logging import MetricsLogger
 from tirl.trainer.rl import run_rl
@@ -115,20 +115,7 @@ def _evaluate(cfg: Config, name: str, path: str, task, tools, reward_fn, run_dir
     variants = [(name, True)]
     if cfg.eval.no_tools if no_tools is None else no_tools:
         variants.append((f"{name}_no_tools", False))
-    pending = [(n, w) for n, w in variants if not (run_dir / "eval" / f"{n}.summary.json").exists()]
-    out: dict[str, dict[str, Any]] = {}
-    served = cfg.backend.name == "openai"  # the server holds the weights: tokenizer and configs suffice
-    policy = load_policy(cfg.model, device, path, trainable=False, weights=not served) if pending else None
-    backend = make_backend(policy, cfg) if policy else None
-    for n, with_tools in variants:
-        console.print(f"[cyan]eval[/] {n} ({'with' if with_tools else 'without'} tools)")
-        make_env = EnvFactory(task, tools, cfg, policy.fmt, with_tools) if policy else None
-        out[n] = run_eval(n, eval_problems(task, cfg), make_env, backend, policy.fmt if policy else None, reward_fn,
-                          turn_limits(cfg, policy.model) if policy else None, cfg, run_dir / "eval")
-        console.print(f"  accuracy {out[n].get('accuracy', 0):.3f}  tool calls {out[n]['tool_calls/mean']:.2f}")
-    if backend:
-        backend.close()
-    return out
+    return evaluate_model(cfg, variants, path, task, tools, reward_fn, run_dir / "eval", device)
 
 
 def _write_run_info(run_dir: Path, cfg: Config, path: str, device: str, tools: ToolSet) -> None:
