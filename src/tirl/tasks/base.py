@@ -84,6 +84,8 @@ class Task(ABC):
 BUILTIN_TASK_MODULES: tuple[str, ...] = (
     "tirl.tasks.math_python",
     "tirl.tasks.search_qa",
+    "tirl.tasks.code",
+    "tirl.tasks.dataset",
 )
 """Task-suite modules imported on the first lookup in `TASKS` (or `REWARDS`: they register their rewards too).
 Not imported with `tirl.tasks`, because they import `tirl.rewards`, which imports this module."""
