@@ -355,7 +355,7 @@ def top_parent(s: Schema, f: Facts, rng: random.Random) -> Draft | None:
     if pick is None:
         return None
     r, ch, p = pick
-    has = r.has.format(x=f"the most {ch.plural}")
+    has = r.has_one.format(x=f"the most {ch.plural}")
     return Draft(f"Give the {p.label_phrase} of the {p.singular} {has}.",
                  f"SELECT {p.table}.{p.label} FROM {_join(r)} GROUP BY {p.table}.id ORDER BY COUNT(*) DESC LIMIT 1",
                  distinct_keys=f"SELECT COUNT(*) FROM {r.child} GROUP BY {r.fk} ORDER BY COUNT(*) DESC LIMIT 2")
@@ -373,9 +373,10 @@ def two_hop(s: Schema, f: Facts, rng: random.Random) -> Draft | None:
     v = rng.choice(f.values(a.table, c.name))
     has = rb.has.format(x=f"at least one {ch.singular} {ra.verb} {article(a.singular)} {a.singular} whose "
                           f"{c.phrase} is {v}")
+    joins = (f"{b.table} JOIN {ch.table} ON {ch.table}.{rb.fk} = {b.table}.id "
+             f"JOIN {a.table} ON {ch.table}.{ra.fk} = {a.table}.id")
     return Draft(f"Give the {b.labels} of the {b.plural} {has} (each {b.label_phrase} once).",
-                 f"SELECT DISTINCT {b.table}.{b.label} FROM {b.table} JOIN {ch.table} ON {ch.table}.{rb.fk} = "
-                 f"{b.table}.id JOIN {a.table} ON {ch.table}.{ra.fk} = {a.table}.id WHERE {a.table}.{c.name} = {lit(v)}")
+                 f"SELECT DISTINCT {b.table}.{b.label} FROM {joins} WHERE {a.table}.{c.name} = {lit(v)}")
 
 
 FAMILIES: dict[int, dict[str, Family]] = {

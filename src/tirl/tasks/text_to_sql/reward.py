@@ -110,7 +110,7 @@ def database_of(problem: Problem) -> Path:
 async def sql_result_match(trajectory: Trajectory, problem: Problem, group: GroupContext, format_bonus: float = 0.0,
                            execution_bonus: float = 0.0, tolerance: float = 1e-6, max_query_s: float = 5.0,
                            ignore_column_order: bool = True) -> RewardResult:
-    """Execution accuracy: 1 iff the <answer> query's result equals the gold query's (rows as a multiset, in order when the gold has ORDER BY); read-only, time-limited.
+    """Execution accuracy: 1 iff the <answer> query gives the gold query's rows (in order if the gold sorts); read-only.
 
     `tolerance` is the relative and absolute tolerance on numbers; `max_query_s` limits each query;
     `ignore_column_order` accepts the gold's columns in another order.

@@ -67,8 +67,10 @@ class Relation:
     verb: str
     """Connects the child to its parent: "orders *placed by* customers"."""
     has: str
-    """The parent's side, with `{x}` for a quantified child phrase: "that placed {x}" ->
+    """The parents' side, with `{x}` for a quantified child phrase: "that placed {x}" ->
     "that placed no orders", "that placed at least one order whose status is pending"."""
+    has_one: str
+    """The same for one parent: "that has {x} arriving at it" (for "the airport that has the most ...")."""
 
 
 @dataclass(frozen=True)
@@ -161,8 +163,8 @@ SHOP = Schema(
                numbers=(Column("quantity", "quantity", summable=True),)),
     ),
     relations=(
-        Relation("orders", "customer_id", "customers", "placed by", "that placed {x}"),
-        Relation("orders", "product_id", "products", "for", "that appear in {x}"),
+        Relation("orders", "customer_id", "customers", "placed by", "that placed {x}", "that placed {x}"),
+        Relation("orders", "product_id", "products", "for", "that appear in {x}", "that appears in {x}"),
     ),
     fill=_fill_shop,
 )
@@ -216,9 +218,9 @@ SCHOOL = Schema(
                numbers=(Column("score", "score"),)),
     ),
     relations=(
-        Relation("courses", "teacher_id", "teachers", "taught by", "that teach {x}"),
-        Relation("enrolments", "student_id", "students", "of", "that have {x}"),
-        Relation("enrolments", "course_id", "courses", "in", "that have {x}"),
+        Relation("courses", "teacher_id", "teachers", "taught by", "that teach {x}", "that teaches {x}"),
+        Relation("enrolments", "student_id", "students", "of", "that have {x}", "that has {x}"),
+        Relation("enrolments", "course_id", "courses", "in", "that have {x}", "that has {x}"),
     ),
     fill=_fill_school,
 )
@@ -265,9 +267,9 @@ LIBRARY = Schema(
         Entity("loans", "loan", "loans", numbers=(Column("days", "number of days", summable=True),)),
     ),
     relations=(
-        Relation("books", "author_id", "authors", "written by", "that wrote {x}"),
-        Relation("loans", "book_id", "books", "of", "that have {x}"),
-        Relation("loans", "member_id", "members", "made by", "that made {x}"),
+        Relation("books", "author_id", "authors", "written by", "that wrote {x}", "that wrote {x}"),
+        Relation("loans", "book_id", "books", "of", "that have {x}", "that has {x}"),
+        Relation("loans", "member_id", "members", "made by", "that made {x}", "that made {x}"),
     ),
     fill=_fill_library,
 )
@@ -321,9 +323,11 @@ FLIGHTS = Schema(
                numbers=(Column("distance_km", "distance in km", summable=True), Column("price", "price"))),
     ),
     relations=(
-        Relation("flights", "airline_id", "airlines", "operated by", "that operate {x}"),
-        Relation("flights", "origin_id", "airports", "departing from", "that have {x} departing from them"),
-        Relation("flights", "destination_id", "airports", "arriving at", "that have {x} arriving at them"),
+        Relation("flights", "airline_id", "airlines", "operated by", "that operate {x}", "that operates {x}"),
+        Relation("flights", "origin_id", "airports", "departing from", "that have {x} departing from them",
+                 "that has {x} departing from it"),
+        Relation("flights", "destination_id", "airports", "arriving at", "that have {x} arriving at them",
+                 "that has {x} arriving at it"),
     ),
     fill=_fill_flights,
 )

@@ -57,7 +57,8 @@ ATTEMPTS_PER_FAMILY = 25
 
 PROMPT_WITH_TOOLS = ("Answer the question with one SQLite query. Use the sql tool to look at the data and to test "
                      "your query, then give the final query as <answer>SELECT ...</answer>.")
-PROMPT_WITHOUT_TOOLS = "Answer the question with one SQLite query over the tables below, as <answer>SELECT ...</answer>."
+PROMPT_WITHOUT_TOOLS = ("Answer the question with one SQLite query over the tables below, as "
+                        "<answer>SELECT ...</answer>.")
 
 
 def _rng(*key: object) -> random.Random:
@@ -85,7 +86,7 @@ def gold_is_sound(path: Path, draft: Draft) -> bool:
 
 @TASKS.register("text_to_sql")
 class TextToSQLTask(Task):
-    """Text-to-SQL on four generated SQLite databases (shop, school, library, flights), five levels from filters to nested queries; answer <answer>SELECT ...</answer>; tool: sql."""
+    """Text-to-SQL on 4 generated SQLite databases, 5 levels (filters to nested queries); tool: sql, per problem."""
 
     name = "text_to_sql"
     default_tools = ("sql",)
@@ -223,7 +224,8 @@ class TextToSQLTask(Task):
             problems.append(problem)
         self._heldout, self._heldout_keys = problems, frozenset(taken)
 
-    def _draw(self, problem_id: str, key: tuple, level: int, database: str, taken: set[str] | frozenset[str]) -> Problem:
+    def _draw(self, problem_id: str, key: tuple, level: int, database: str,
+              taken: set[str] | frozenset[str]) -> Problem:
         """The first sound draft whose question is not taken, over attempts 0, 1, ... of RNGs keyed on `key`.
 
         The level's families are tried in an order drawn from `key`, `ATTEMPTS_PER_FAMILY` draws each,
