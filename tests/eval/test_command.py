@@ -162,3 +162,16 @@ def test_default_run_names_tell_evaluations_apart():
     assert default_run_name(load_config(), model) == "eval-embedded_SmolLM2-135M-Instruct-arithmetic"
     sampled = load_config(None, ["eval.samples=8", "eval.temperature=0.7", "backend.name=openai"])
     assert default_run_name(sampled, model) == "eval-embedded_SmolLM2-135M-Instruct-arithmetic-openai-k8-t0.7"
+
+
+def test_concurrency_sets_what_the_backend_keeps_in_flight():
+    """eval.concurrency: requests in flight for openai, the generation batch for hf, and the chunk size."""
+    from tirl.config import load_config
+    from tirl.eval.runner import chunk_size, with_concurrency
+
+    served = with_concurrency(load_config(None, ["backend.name=openai", "eval.concurrency=5"]))
+    assert served.backend.openai.max_concurrency == 5 and chunk_size(served) == 5
+    local = with_concurrency(load_config(None, ["eval.concurrency=3"]))
+    assert local.rollout.max_batch_size == 3 and chunk_size(local) == 3
+    default = load_config()
+    assert with_concurrency(default) == default and chunk_size(default) == default.rollout.max_batch_size

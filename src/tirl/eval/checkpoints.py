@@ -132,10 +132,10 @@ def merge_checkpoint(model: EvalModel, out: Path) -> Path:
     """
     source = {"checkpoint": str(Path(model.path).resolve())}
     if (out / "source.json").is_file():
-        if json.loads((out / "source.json").read_text()) != source:
-            raise ResumeError(f"{out} holds the model of another checkpoint "
-                              f"({json.loads((out / 'source.json').read_text())['checkpoint']}), not {source['checkpoint']}; "
-                              "evaluate into another directory (run.name / run.dir)")
+        held = json.loads((out / "source.json").read_text())
+        if held != source:
+            raise ResumeError(f"{out} holds the model of another checkpoint ({held.get('checkpoint')}), not "
+                              f"{source['checkpoint']}; evaluate into another directory (run.name / run.dir)")
         return out
     from safetensors.torch import load_file
 
@@ -146,9 +146,10 @@ def merge_checkpoint(model: EvalModel, out: Path) -> Path:
     policy = load_policy(run_cfg.model, "cpu", checkpoint_base(model, run_cfg), trainable=True)
     weights = load_file(str(Path(model.path) / "trainable.safetensors"))
     params = {n: p for n, p in policy.model.named_parameters() if p.requires_grad}
-    if set(weights) != set(params):
-        raise ModelNotFoundError(f"checkpoint {model.path} does not match the run's model (missing "
-                                 f"{sorted(set(params) - set(weights))[:3]}, unexpected {sorted(set(weights) - set(params))[:3]})")
+    missing, unexpected = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
+    if missing or unexpected:
+        raise ModelNotFoundError(f"checkpoint {model.path} does not match the run's model (missing {missing[:3]}, "
+                                 f"unexpected {unexpected[:3]})")
     import torch
 
     with torch.no_grad():

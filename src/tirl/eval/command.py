@@ -225,11 +225,11 @@ def _write_run_info(run_dir: Path, cfg, model, path: str, device: str, tools) ->
     from tirl import __version__
     from tirl.models import loading
 
+    dtype = str(loading.resolve_dtype(cfg.model.dtype, device)).removeprefix("torch.")
     info = {"tirl_version": __version__, "model": model.name, "model_path": path,
             "checkpoint": model.path if model.checkpoint else None,
             "run_dir": str(model.run_dir) if model.run_dir else None, "backend": cfg.backend.name,
-            "device": device, "compute_dtype": str(loading.resolve_dtype(cfg.model.dtype, device)).removeprefix("torch."),
-            "tools": tools.describe()}
+            "device": device, "compute_dtype": dtype, "tools": tools.describe()}
     (run_dir / "run.json").write_text(json.dumps(info, indent=1))
 
 
