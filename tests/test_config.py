@@ -89,3 +89,36 @@ def test_overriding_one_key_keeps_its_siblings(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("rl:\n  optim:\n    weight_decay: 0.1\n")
     assert load_config(recipe).rl.optim.lr == Config().rl.optim.lr
+
+
+def test_task_factory_must_make_a_task(monkeypatch):
+    """A `module:factory` task name that returns something else is a ConfigError naming what it made."""
+    import sys
+    import types
+
+    from tirl.config import TaskConfig
+    from tirl.errors import ConfigError
+    from tirl.trainer.build import build_task
+
+    module = types.ModuleType("tirl_test_bad_factory")
+    module.make = lambda: {"not": "a task"}
+    monkeypatch.setitem(sys.modules, "tirl_test_bad_factory", module)
+    with pytest.raises(ConfigError, match="made a dict, not a tirl Task"):
+        build_task(TaskConfig(name="tirl_test_bad_factory:make"))
+
+
+def test_task_tool_defaults_apply_only_to_tools_in_use():
+    """A task's default `tools.<name>` settings are dropped when the recipe does not use that tool."""
+    from tirl.config import Config, TaskConfig
+    from tirl.tasks.arithmetic import ArithmeticTask
+    from tirl.trainer.build import tool_settings
+
+    class WithDefaults(ArithmeticTask):
+        def tool_settings(self):
+            return {"search": {"top_k": 2}, "calculator": {}}
+
+    task = WithDefaults()
+    cfg = Config(task=TaskConfig(tools=["calculator"]))
+    assert tool_settings(cfg, task) == {"calculator": {}}
+    cfg = Config(task=TaskConfig(tools=["search"]), tools={"search": {"corpus": "c.jsonl"}})
+    assert tool_settings(cfg, task) == {"search": {"top_k": 2, "corpus": "c.jsonl"}}

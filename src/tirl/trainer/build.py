@@ -174,9 +174,13 @@ def build_task(cfg: TaskConfig) -> Task:
     except RegistryError as e:
         raise ConfigError(f"task.name: {e}") from None
     try:
-        return cls(**cfg.kwargs)
+        task = cls(**cfg.kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"task.kwargs for {cfg.name!r}: {e}") from None
+    if not isinstance(task, Task):
+        raise ConfigError(f"task.name={cfg.name!r} made a {type(task).__name__}, not a tirl Task (a Task subclass, "
+                          "or a function returning an instance of one)")
+    return task
 
 
 def tool_names(cfg: TaskConfig, task: Task) -> list[str]:
@@ -184,8 +188,10 @@ def tool_names(cfg: TaskConfig, task: Task) -> list[str]:
 
 
 def tool_settings(cfg: Config, task: Task) -> dict[str, dict[str, Any]]:
-    """`tools.<name>` settings: the task's defaults (`Task.tool_settings`), overridden key by key by the recipe."""
-    merged = {name: dict(values) for name, values in task.tool_settings().items()}
+    """`tools.<name>` settings: the task's defaults (`Task.tool_settings`) for the tools the run uses,
+    overridden key by key by the recipe."""
+    used = set(tool_names(cfg.task, task))
+    merged = {name: dict(values) for name, values in task.tool_settings().items() if name in used}
     for name, values in cfg.tools.items():
         merged[name] = {**merged.get(name, {}), **values}
     return merged
