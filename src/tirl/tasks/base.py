@@ -86,6 +86,8 @@ BUILTIN_TASK_MODULES: tuple[str, ...] = (
     "tirl.tasks.search_qa",
     "tirl.tasks.code",
     "tirl.tasks.dataset",
+    "tirl.tasks.text_to_sql",
+    "tirl.tasks.bfcl",
 )
 """Task-suite modules imported on the first lookup in `TASKS` (or `REWARDS`: they register their rewards too).
 Not imported with `tirl.tasks`, because they import `tirl.rewards`, which imports this module."""
