@@ -404,6 +404,8 @@ class EvalConfig(_Section):
         if self.samples > 1 and self.temperature == 0:
             raise ValueError(f"samples={self.samples} with temperature=0 gives {self.samples} identical greedy "
                              "samples (pass@k = pass@1); set a temperature > 0 (e.g. 1.0) or samples=1")
+        if self.bootstrap_resamples == 0 and self.ci_level != 0.95:
+            raise ValueError("ci_level has no effect while bootstrap_resamples=0 (no intervals)")
         return self
 
 

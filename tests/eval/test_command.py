@@ -175,3 +175,13 @@ def test_concurrency_sets_what_the_backend_keeps_in_flight():
     assert local.rollout.max_batch_size == 3 and chunk_size(local) == 3
     default = load_config()
     assert with_concurrency(default) == default and chunk_size(default) == default.rollout.max_batch_size
+
+
+def test_eval_keys_that_would_do_nothing_are_refused():
+    from tirl.config import load_config
+    from tirl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="ci_level has no effect"):
+        load_config(None, ["eval.bootstrap_resamples=0", "eval.ci_level=0.9"])
+    with pytest.raises(ConfigError, match="identical greedy samples"):
+        load_config(None, ["eval.samples=2"])
