@@ -1,15 +1,18 @@
-"""`tirl train | sft | eval | tools | envs | algos`.
+"""`tirl train | sft | eval | report | tools | envs | algos`.
 
     tirl train [recipe.yaml] [key=value ...]     eval -> SFT -> eval -> RL -> eval (no recipe: the embedded default)
     tirl sft   [recipe.yaml] [key=value ...]     SFT cold start only
     tirl eval  --model M [--task T] [--samples K --temperature X] [--size N] [--concurrency C]
                [--backend hf|vllm|openai] [--base-url URL] [--no-tools] [--out DIR] [key=value ...]
                                                  evaluate a model, run directory or checkpoint (or a served model)
+    tirl report RUN_DIR [--out FILE] [--per-step N] [--per-eval N] [--no-tokens]
+                                                 (re)build a run's HTML report and plots
     tirl tools | envs | algos                    list what is registered
     tirl serve-tools [--tools NAME ...] [--config FILE] [--host H] [--port P] [--token T]
                                                  serve tools over HTTP (client: the `remote` tool)
 
-A `TirlError` (bad config, missing model, ...) prints one line and exits with status 2.
+A `TirlError` (bad config, missing model, ...) prints one line and exits with status 2 (3: the run
+finished but its report could not be built).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         from tirl.trainer.display import console
 
         console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
-        return 2
+        return getattr(e, "exit_status", 2)
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
@@ -55,6 +58,13 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8765, help="port (0: a free one)")
     sv.add_argument("--token", help="bearer token clients must send (default: $TIRL_TOOL_SERVER_TOKEN)")
     sv.set_defaults(func=_serve_tools)
+    rp = sub.add_parser("report", help="(re)build a run's HTML report and plots (works on runs in progress)")
+    rp.add_argument("run_dir", help="the run directory")
+    rp.add_argument("--out", help="HTML file to write (default: RUN_DIR/report.html; PNGs go to plots/ next to it)")
+    rp.add_argument("--per-step", type=int, default=16, help="trajectories per RL step in the viewer")
+    rp.add_argument("--per-eval", type=int, default=32, help="trajectories per eval stage in the viewer")
+    rp.add_argument("--no-tokens", action="store_true", help="leave out the token view (no tokenizer needed)")
+    rp.set_defaults(func=_report)
     return p
 
 
@@ -108,6 +118,12 @@ def _tools(args) -> int:
 
     _list("tools", TOOLS.describe())
     return 0
+
+
+def _report(args) -> int:
+    from tirl.report.build import report_from_command_line
+
+    return report_from_command_line(args.run_dir, args.out, args.per_step, args.per_eval, not args.no_tokens)
 
 
 def _serve_tools(args) -> int:

@@ -103,6 +103,9 @@ def _run_stages(cfg: Config, run_dir: Path, device: str, task, tools: ToolSet) -
             results.update(_evaluate(cfg, "final", path, task, tools, reward_fn, run_dir, device))
     logger.close()
     _write_results(run_dir, results, time.monotonic() - t0)
+    from tirl.report.build import report_after_run  # after the results are saved: a failure loses nothing
+
+    report_after_run(run_dir)
     return results
 
 
