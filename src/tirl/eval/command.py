@@ -208,6 +208,9 @@ def _evaluate(cfg, model, run_dir: Path, no_tools_only: bool) -> int:
     for name, summary in results.items():
         console.print(summary_table(name, summary))
     _write_results(run_dir, results, time.monotonic() - t0)
+    from tirl.report.build import report_after_run  # after the results are saved: a failure loses nothing
+
+    report_after_run(run_dir)
     console.print(f"output directory: {run_dir}", soft_wrap=True, highlight=False)
     console.print("  eval/<name>.jsonl: every trajectory; eval/<name>.summary.json: every metric with its "
                   "interval; results.md: the tables", soft_wrap=True)
