@@ -193,3 +193,8 @@ def test_per_tool_metrics_count_calls_latency_and_statuses():
     assert m["tool/python/status/ok"] == 1 and m["tool/python/status/timeout"] == 1
     assert m["tool/_unresolved/calls"] == 2  # names the model invented do not become metric keys
     assert not any("made_up" in k for k in m)
+    over = [ToolResult("f", "invented", "E", ToolStatus.BUDGET_EXCEEDED, 0.0),
+            ToolResult("g", "python", "E", ToolStatus.BUDGET_EXCEEDED, 0.0)]
+    m = per_tool_metrics(results + over)  # past the budget: a name counts only if a call of it ran
+    assert m["tool/python/status/budget_exceeded"] == 1 and m["tool/_unresolved/calls"] == 3
+    assert not any("invented" in k for k in m)

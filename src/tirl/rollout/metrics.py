@@ -44,10 +44,13 @@ UNRESOLVED = "_unresolved"
 def per_tool_metrics(results: Sequence[ToolResult]) -> dict[str, float]:
     """Per tool: `tool/<name>/calls` and `tool/<name>/status/<status>` counts, and the clock readings
     `time/tool/<name>/latency_mean_s` and `latency_max_s` (under time/, like every clock reading)."""
+    unresolved = (ToolStatus.INVALID_CALL, ToolStatus.UNKNOWN_TOOL)
+    # A call past the budget is not resolved; its name counts only if some call of that name ran.
+    ran = {r.name for r in results if r.status not in (*unresolved, ToolStatus.BUDGET_EXCEEDED)}
     by_tool: dict[str, list[ToolResult]] = {}
     for r in results:
-        name = UNRESOLVED if r.status in (ToolStatus.INVALID_CALL, ToolStatus.UNKNOWN_TOOL) or not r.name else r.name
-        by_tool.setdefault(name, []).append(r)
+        known = r.name and r.status not in unresolved and (r.status != ToolStatus.BUDGET_EXCEEDED or r.name in ran)
+        by_tool.setdefault(r.name if known else UNRESOLVED, []).append(r)
     m: dict[str, float] = {}
     for name, rs in sorted(by_tool.items()):
         m[f"tool/{name}/calls"] = float(len(rs))
