@@ -126,10 +126,12 @@ def test_problem_info_and_schema_conversion(single):
     assert p.info["kind"] == "ast" and p.info["level"] == "simple_python"
     params = p.info["tools"][0]["function"]["parameters"]
     assert params["type"] == "object" and params["properties"]["base"]["type"] == "integer"
-    assert p.reference_calls == (ToolCall("call_0", "calculate_triangle_area", {"base": 10, "height": 5, "unit": "units"}),)
+    gold = {"base": 10, "height": 5, "unit": "units"}
+    assert p.reference_calls == (ToolCall("call_0", "calculate_triangle_area", gold),)
     converted = to_json_schema({"type": "dict", "properties": {
         "x": {"type": "float", "optional": True}, "t": {"type": "tuple", "items": {"type": "integer"}},
-        "a": {"type": "any", "description": "anything"}, "d": {"type": "dict", "properties": {"k": {"type": "boolean"}}}}})
+        "a": {"type": "any", "description": "anything"},
+        "d": {"type": "dict", "properties": {"k": {"type": "boolean"}}}}})
     assert converted == {"type": "object", "properties": {
         "x": {"type": "number"}, "t": {"type": "array", "items": {"type": "integer"}}, "a": {"description": "anything"},
         "d": {"type": "object", "properties": {"k": {"type": "boolean"}}}}}
@@ -241,7 +243,8 @@ def test_single_call_families_good_and_bad(single, pid):
     assert good.total == 1.0 and good.correct and good.components == {"correct": 1, "format": 1, "count": 1, "names": 1}
     call = p.reference_calls[0]
     first = next(iter(call.arguments))
-    wrong_value = {**call.arguments, first: "definitely wrong" if not isinstance(call.arguments[first], str) else 123456}
+    wrong = "definitely wrong" if not isinstance(call.arguments[first], str) else 123456
+    wrong_value = {**call.arguments, first: wrong}
     assert score(p, calls_step([(call.name, wrong_value)])).total == 0.0
     assert score(p, calls_step([("not_a_function", call.arguments)])).components["names"] == 0.0
     assert score(p, calls_step([call, call])).components["count"] == 0.0
@@ -411,6 +414,23 @@ def test_back_end_calls_have_a_time_limit():
     assert asyncio.run(execute_async(slow, "nap", {}, timeout_s=0.05)).status == ToolStatus.TIMEOUT
     assert time.monotonic() - t0 < 1.0
     assert execute({"f": lambda x: {"y": x}}, "f", (), {"x": 1}).text == '{"y": 1}'
+
+
+# ----------------------------------------------------------------------------------------------- demonstrations
+def test_demonstrations_are_correct_train_trajectories_sft_can_read(tmp_path, smol_format):
+    from tirl.config import SFTConfig
+    from tirl.tasks.bfcl.demos import write_demonstrations
+    from tirl.trainer.sft_data import rollout_examples
+
+    out = tmp_path / "demos.jsonl"
+    assert write_demonstrations(out, "embedded:SmolLM2-135M-Instruct", count=20) == 20
+    examples, report = rollout_examples(SFTConfig(source="rollouts", rollouts=[str(out)]), smol_format)
+    assert report.read == 20 and len(examples) >= 18  # dedupe may drop a repeated live_parallel problem
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    held = {p.id for p in FunctionCallingTask().heldout()}
+    assert all(x["correct"] and x["meta"]["task_id"] not in held for x in lines)
+    texts = [x["turns"][0]["text"] for x in lines]
+    assert any("<tool_call>" in t for t in texts) and any("None of the given functions" in t for t in texts)
 
 
 # ----------------------------------------------------------------------------------------------- real model

@@ -5,7 +5,8 @@ A model output is a list of calls `(name, arguments)`; a possible answer is a li
 
 - Dispatch by category name: "parallel" in it -> every expected call must be matched by a distinct
   model call, in any order (a true matching; BFCL's greedy pass, in which each expected call takes the
-  first unused model call that passes, also rejects a few ambiguous outputs in some orders); else "multiple" in it -> exactly one call, checked against the one expected call;
+  first unused model call that passes, also rejects a few ambiguous outputs in some orders); else
+  "multiple" in it -> exactly one call, checked against the one expected call;
   else (simple) exactly one call.
 - One call against one expected call: the function name must be equal; every `required` parameter of
   the function doc must be given; every given parameter must be declared in the doc AND appear in the

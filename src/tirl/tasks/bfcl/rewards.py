@@ -66,7 +66,7 @@ def _expected_names(problem: Problem) -> Counter:
 
 @REWARDS.register("bfcl_ast")
 def bfcl_ast_reward(trajectory: Trajectory, problem: Problem, group: GroupContext) -> RewardResult:
-    """BFCL single-turn accuracy (1/0) by its AST checker: names, required params, accepted values, types; parallel order-free."""
+    """BFCL single-turn accuracy (1/0), its AST checker: names, required params, types, accepted values; order-free."""
     if _kind(problem) not in SINGLE_TURN_KINDS:
         raise ValueError(f"bfcl_ast scores single-turn BFCL problems; {problem.id!r} is multi-turn "
                          "(use the reward bfcl or bfcl_multi_turn)")
@@ -104,7 +104,7 @@ def conversation_turns(trajectory: Trajectory) -> list[list[ToolCall]]:
 @REWARDS.register("bfcl_multi_turn")
 def bfcl_multi_turn_reward(trajectory: Trajectory, problem: Problem, group: GroupContext, *, partial: bool = False,
                            call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S) -> RewardResult:
-    """BFCL multi-turn accuracy (1/0): the calls re-run on fresh back-ends must reach the gold sequence's state and results."""
+    """BFCL multi-turn accuracy (1/0): the calls, re-run on fresh back-ends, reach the gold state and results."""
     if _kind(problem) != "multi_turn":
         raise ValueError(f"bfcl_multi_turn scores multi-turn BFCL problems; {problem.id!r} is single-turn "
                          "(use the reward bfcl or bfcl_ast)")
@@ -119,7 +119,7 @@ def bfcl_multi_turn_reward(trajectory: Trajectory, problem: Problem, group: Grou
 @REWARDS.register("bfcl")
 def bfcl_reward(trajectory: Trajectory, problem: Problem, group: GroupContext, *, partial: bool = False,
                 call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S) -> Any:
-    """BFCL accuracy for any category: bfcl_ast for single-turn problems, bfcl_multi_turn (its parameters) for multi-turn."""
+    """BFCL accuracy for any category: bfcl_ast for single-turn problems, bfcl_multi_turn for multi-turn ones."""
     if _kind(problem) == "multi_turn":
         return bfcl_multi_turn_reward(trajectory, problem, group, partial=partial, call_timeout_s=call_timeout_s)
     return bfcl_ast_reward(trajectory, problem, group)

@@ -59,7 +59,7 @@ def _order_key(*parts: object) -> str:
 
 @TASKS.register("function_calling")
 class FunctionCallingTask(Task):
-    """BFCL v4 function calling (single-turn AST, irrelevance, multi-turn on BFCL's back-ends); tools: each problem's own."""
+    """BFCL v4 function calling: single-turn AST, irrelevance, multi-turn on BFCL's back-ends; each problem's tools."""
 
     name = "function_calling"
     default_tools = ()
