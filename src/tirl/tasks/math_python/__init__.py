@@ -96,7 +96,8 @@ class MathPythonTask(Task):
     def system_prompt(self, with_tools: bool) -> str:
         if with_tools:
             return ("Solve the math problem. Write Python code and run it with the python tool to compute the "
-                    "result (print what you need to see), then give only the final answer as <answer>...</answer>.")
+                    'result, for example <tool_call>{"name": "python", "arguments": {"code": "print(48 + 48 / 2)"}}'
+                    "</tool_call>, then give only the final answer as <answer>...</answer>.")
         return "Solve the math problem step by step, then give only the final answer as <answer>...</answer>."
 
     def train_problem(self, index: int) -> Problem:
