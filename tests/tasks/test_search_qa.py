@@ -247,7 +247,7 @@ def test_kinds_read_as_intended(heldout):
 
 def test_sft_is_narrow_deterministic_and_prefix_stable(task):
     sft = task.sft_problems(12)
-    assert [p.info["kind"] for p in sft[:4]] == ["definition", "birth_year", "definition", "birth_year"]
+    assert [p.info["kind"] for p in sft[:4]] == ["definition", "birth_year", "death_year", "definition"]
     assert SearchQATask(seed=5).sft_problems(6) == sft[:6]
     assert all(len(p.reference_calls) == 1 for p in sft)
     with pytest.raises(NotImplementedError, match="format=hermes"):

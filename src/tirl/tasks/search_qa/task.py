@@ -11,7 +11,7 @@ questions (`questions.py`) are generated from the same articles: single-hop and 
   golden-ratio sequence), the kind and the question are drawn at random within it;
 - `heldout()`: fixed (independent of `seed`), stratified by hop and kind in every prefix; its answers
   lie in held-out articles, which no training or SFT question touches;
-- `sft_problems(n)`: a narrow cold-start set (single-hop definitions and birth years, one search each).
+- `sft_problems(n)`: a narrow cold-start set (single-hop definitions, birth and death years, one search each).
 
 Problems carry `info`: `kind`, `hops`, `level` (= hops: the evaluation reports accuracy per level),
 `supporting` (article titles, in the order they are needed), `answer_articles` (those holding the
@@ -47,6 +47,9 @@ DEFAULT_HOPS = {1: 0.5, 2: 0.5}
 FILTER_TOP_K = 3
 """A kept question's reference queries each find their supporting article among BM25's top this many."""
 MAX_HELDOUT = 1000
+SFT_KINDS = ("definition", "birth_year", "death_year")
+"""Kinds of the cold-start traces, in turns (death years too: with birth years alone the model learns to
+copy the first year of a passage)."""
 _MAX_ATTEMPTS = 200
 _GOLDEN = 0.6180339887498949
 CORPUS_DESCRIPTION = "English Wikipedia article summaries"
@@ -215,20 +218,21 @@ class SearchQATask(Task):
         return None
 
     def sft_problems(self, count: int) -> list[Problem]:
-        """The narrow SFT set: single-hop definition and birth-year questions (in turns) from the training
-        side, each with its one reference search; deterministic, independent of `seed`, distinct questions.
-        Only for `format: hermes` (the SFT traces are written as Hermes tool calls)."""
+        """The narrow SFT set: single-hop definition, birth-year and death-year questions (in turns) from the
+        training side, each with its one reference search; deterministic, independent of `seed`, distinct
+        questions, `sft_problems(n)[:k] == sft_problems(k)`. Only for `format: hermes` (the SFT traces are
+        written as Hermes tool calls)."""
         if self.format != "hermes":
             raise NotImplementedError(f"task {self.name!r} has SFT traces only for format=hermes (they are written "
                                       "as <tool_call> JSON, which format=search_r1 does not read)")
         count = _check_int("count", count, 0, None)
         bank = self.bank()
-        pools = {kind: bank.side(kind, heldout=False) for kind in ("definition", "birth_year")}
+        pools = {kind: bank.side(kind, heldout=False) for kind in SFT_KINDS}
         for kind, pool in pools.items():
             _rng("search_qa", "sft-order", kind).shuffle(pool)
         problems = []
         for i in range(count):
-            pool = pools["definition" if i % 2 == 0 else "birth_year"]
+            pool = pools[SFT_KINDS[i % len(SFT_KINDS)]]
             while pool and not self.is_retrievable(pool[-1]):
                 pool.pop()
             if not pool:
