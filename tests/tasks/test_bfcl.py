@@ -110,11 +110,23 @@ def test_a_small_category_is_held_out_at_most_by_half_and_cycles_in_training():
     assert len({p.id for p in train[:8]}) == 8 and {p.id for p in train[8:16]} == {p.id for p in train[:8]}
 
 
+def test_max_prompt_chars_keeps_the_short_problems_before_splitting():
+    from tirl.tasks.bfcl.task import prompt_chars
+
+    task = FunctionCallingTask(categories=["live_multiple", "simple"], heldout_size=40, max_prompt_chars=3000)
+    kept = task.problems("live_multiple")
+    assert 0 < len(kept) < len(FunctionCallingTask(categories=["live_multiple"], heldout_size=1).problems(
+        "live_multiple"))
+    seen = task.heldout() + [task.train_problem(i) for i in range(200)]
+    assert all(prompt_chars(p) <= 3000 for p in seen) and max(prompt_chars(p) for p in kept) > 2000
+
+
 @pytest.mark.parametrize("kwargs, name", [
     ({"categories": ["nope"]}, "unknown category"), ({"categories": ["simple_java"]}, "not supported"),
     ({"categories": "simple"}, "categories"), ({"categories": ["simple", "simple_python"]}, "duplicates"),
     ({"heldout_size": 0}, "heldout_size"), ({"categories": ["live_parallel"], "heldout_size": 9}, "heldout_size"),
-    ({"seed": "0"}, "seed"), ({"think": "yes"}, "think"), ({"data_dir": "/nonexistent/bfcl"}, "data_dir")])
+    ({"seed": "0"}, "seed"), ({"think": "yes"}, "think"), ({"data_dir": "/nonexistent/bfcl"}, "data_dir"),
+    ({"max_prompt_chars": 0}, "max_prompt_chars"), ({"max_prompt_chars": 50}, "max_prompt_chars=50 leaves no")])
 def test_bad_kwargs_raise_naming_the_kwarg(kwargs, name):
     with pytest.raises(ValueError, match=name):
         FunctionCallingTask(**kwargs)

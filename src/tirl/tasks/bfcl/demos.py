@@ -10,7 +10,7 @@ written (a gold call the checker rejects, from one of BFCL's few unsolvable rows
 live_relevance rows (no gold call) and multi-turn rows are skipped.
 
     python -m tirl.tasks.bfcl.demos --model embedded:SmolLM2-135M-Instruct --count 256 \\
-        --out runs/function_calling/demos.jsonl
+        --max-prompt-chars 3000 --out runs/function_calling/demos.jsonl
     tirl train recipes/function_calling.yaml      # sft.source=rollouts reads that file
 """
 
@@ -69,14 +69,16 @@ def demonstrations(task: FunctionCallingTask, fmt: ChatFormat, count: int) -> li
 
 
 def write_demonstrations(out: Path, model: str, count: int, categories: Sequence[str] = DEFAULT_CATEGORIES,
-                         seed: int = 0) -> int:
-    """Write the demonstrations for `model`'s chat format to `out` (JSON lines, replaced); returns how many."""
+                         seed: int = 0, max_prompt_chars: int | None = None) -> int:
+    """Write the demonstrations for `model`'s chat format to `out` (JSON lines, replaced); returns how many.
+    `categories`, `seed` and `max_prompt_chars` configure the task as the run will (its train stream)."""
     from tirl.chat.format import load_chat_format
     from tirl.models import loading
     from tirl.rollout.io import append_jsonl
 
     fmt = load_chat_format(loading.load_tokenizer(loading.materialize(loading.resolve(model))))
-    trajs = demonstrations(FunctionCallingTask(categories=categories, seed=seed), fmt, count)
+    task = FunctionCallingTask(categories=categories, seed=seed, max_prompt_chars=max_prompt_chars)
+    trajs = demonstrations(task, fmt, count)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.unlink(missing_ok=True)
     append_jsonl(out, trajs)
@@ -90,8 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=256, help="train problems to demonstrate (the first N)")
     parser.add_argument("--categories", default=",".join(DEFAULT_CATEGORIES), help="comma-separated categories")
     parser.add_argument("--seed", type=int, default=0, help="the task's seed (train order); use the run's")
+    parser.add_argument("--max-prompt-chars", type=int, default=None, help="the task's max_prompt_chars")
     args = parser.parse_args(argv)
-    n = write_demonstrations(args.out, args.model, args.count, args.categories.split(","), args.seed)
+    n = write_demonstrations(args.out, args.model, args.count, args.categories.split(","), args.seed,
+                             args.max_prompt_chars)
     print(f"wrote {n} demonstrations to {args.out}")
     return 0
 

@@ -19,6 +19,7 @@ Multi-turn categories (`multi_turn_base`, `multi_turn_miss_func`, `multi_turn_mi
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -67,13 +68,16 @@ class FunctionCallingTask(Task):
     problem_tools = True
 
     def __init__(self, categories: Sequence[str] = DEFAULT_CATEGORIES, seed: int = 0, split_seed: int = 0,
-                 heldout_size: int = 100, think: bool = False, data_dir: str | None = None):
+                 heldout_size: int = 100, think: bool = False, max_prompt_chars: int | None = None,
+                 data_dir: str | None = None):
         """Load and check the data; raises ValueError naming the bad keyword argument.
 
         `categories`: BFCL category names (`simple` = `simple_python`); `seed` orders the train stream;
         `split_seed` fixes which problems are held out; `heldout_size`: size of the held-out split;
-        `think`: ask for a `<think>` block first (ToolRL's format); `data_dir`: a directory laid out like
-        `bfcl_eval/data` (default: the installed package's)."""
+        `think`: ask for a `<think>` block first (ToolRL's format); `max_prompt_chars`: keep only problems
+        whose first-turn messages and function docs (as JSON) total at most this many characters, before
+        splitting (None: all; long prompts cost memory quadratically in training on CPU); `data_dir`: a
+        directory laid out like `bfcl_eval/data` (default: the installed package's)."""
         if isinstance(categories, (str, bytes)) or not isinstance(categories, Sequence) or not categories:
             raise ValueError(f"categories must be a non-empty list of BFCL categories, got {categories!r}")
         resolved = [resolve_category(c) for c in categories]
@@ -90,8 +94,20 @@ class FunctionCallingTask(Task):
             raise ValueError(f"data_dir {data_dir!r} is not a directory")
         self.data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
         self.multi_turn = any(kind_of(c) == "multi_turn" for c in self.categories)
-        self._by_category = {c: load_category(self.data_dir, c) for c in self.categories}
+        if max_prompt_chars is not None:
+            _check_int("max_prompt_chars", max_prompt_chars, lo=1)
+        self.max_prompt_chars = max_prompt_chars
+        self._by_category = {c: self._short_enough(load_category(self.data_dir, c)) for c in self.categories}
         self._heldout, self._train = self._split()
+
+    def _short_enough(self, problems: list[Problem]) -> list[Problem]:
+        if self.max_prompt_chars is None:
+            return problems
+        kept = [p for p in problems if prompt_chars(p) <= self.max_prompt_chars]
+        if not kept:
+            category = problems[0].info["category"] if problems else "?"
+            raise ValueError(f"max_prompt_chars={self.max_prompt_chars} leaves no problem of {category!r}")
+        return kept
 
     # ----------------------------------------------------------------------------------------- prompts
     def system_prompt(self, with_tools: bool, multi_turn: bool = False) -> str:
@@ -158,6 +174,11 @@ class FunctionCallingTask(Task):
 
     def final_answer_text(self, problem: Problem) -> str:
         return ""
+
+
+def prompt_chars(problem: Problem) -> int:
+    """Characters of a problem's first-turn messages plus its function docs as JSON (what `max_prompt_chars` bounds)."""
+    return len(json.dumps(problem.info["tools"])) + sum(len(m["content"]) for m in problem.info["messages"])
 
 
 def _check_int(kwarg: str, value: object, lo: int | None) -> int:
