@@ -180,7 +180,7 @@ def test_check_trajectory_catches_corruption(smol_format):
 
 
 def test_per_tool_metrics_count_calls_latency_and_statuses():
-    from tirl.rollout.metrics import per_tool_metrics
+    from tirl.rollout.metrics import MAX_TOOL_KEYS, per_tool_metrics
     from tirl.types import ToolResult
 
     results = [ToolResult("a", "python", "1", ToolStatus.OK, 0.5), ToolResult("b", "python", "E", ToolStatus.TIMEOUT, 1.5),
@@ -198,3 +198,8 @@ def test_per_tool_metrics_count_calls_latency_and_statuses():
     m = per_tool_metrics(results + over)  # past the budget: a name counts only if a call of it ran
     assert m["tool/python/status/budget_exceeded"] == 1 and m["tool/_unresolved/calls"] == 3
     assert not any("invented" in k for k in m)
+    many = [ToolResult(f"h{i}", f"f{i:02d}", "1", ToolStatus.OK, 0.0) for i in range(MAX_TOOL_KEYS + 3)]
+    m = per_tool_metrics(results + many)  # thousands of functions (BFCL) must not become thousands of keys
+    # kept: the most called (python), then by name f00..f14; search and f15..f18 go under _other
+    assert m["tool/python/calls"] == 2 and m["tool/_other/calls"] == 5 and "tool/search/calls" not in m
+    assert len({k.split("/")[1] for k in m if k.startswith("tool/")}) == MAX_TOOL_KEYS + 2

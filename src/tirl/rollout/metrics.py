@@ -39,6 +39,9 @@ def trajectory_metrics(trajs: Sequence[Trajectory]) -> dict[str, float]:
 
 UNRESOLVED = "_unresolved"
 """Metric name for calls that named no runnable tool (unparseable or unknown names): keys stay bounded."""
+OTHER_TOOLS = "_other"
+"""Metric name for the tools past the `MAX_TOOL_KEYS` most called (tasks with thousands of functions)."""
+MAX_TOOL_KEYS = 16
 
 
 def per_tool_metrics(results: Sequence[ToolResult]) -> dict[str, float]:
@@ -51,6 +54,9 @@ def per_tool_metrics(results: Sequence[ToolResult]) -> dict[str, float]:
     for r in results:
         known = r.name and r.status not in unresolved and (r.status != ToolStatus.BUDGET_EXCEEDED or r.name in ran)
         by_tool.setdefault(r.name if known else UNRESOLVED, []).append(r)
+    named = sorted((k for k in by_tool if k != UNRESOLVED), key=lambda k: (-len(by_tool[k]), k))
+    for name in named[MAX_TOOL_KEYS:]:
+        by_tool.setdefault(OTHER_TOOLS, []).extend(by_tool.pop(name))
     m: dict[str, float] = {}
     for name, rs in sorted(by_tool.items()):
         m[f"tool/{name}/calls"] = float(len(rs))
