@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-
-from tirl.cli import main
 
 pytestmark = pytest.mark.slow
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 ENV_RECIPES = ("math_python", "search_qa", "text_to_sql", "code", "function_calling")
 SHORT = ["sft.examples=8", "sft.epochs=1", "pipeline.eval_after_sft=false", "eval.size=4", "eval.no_tools=false",
-         "rl.steps=2", "rollout.prompts_per_step=2", "rollout.group_size=4", "run.tensorboard=false"]
+         "rl.steps=2", "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_batch_size=8",
+         "run.tensorboard=false"]
 
 
 def _cold_start_data(name: str, tmp_path: Path) -> list[str]:
@@ -38,7 +39,10 @@ def _cold_start_data(name: str, tmp_path: Path) -> list[str]:
 def test_env_recipe_trains_on_the_default_model(tmp_path, name):
     run = tmp_path / name
     extra = _cold_start_data(name, tmp_path)
-    assert main(["train", str(RECIPES / f"{name}.yaml"), f"run.dir={run}", *SHORT, *extra]) == 0
+    # A process of its own per recipe: each loads its model, tools and data, and the memory goes with it.
+    done = subprocess.run([sys.executable, "-m", "tirl.cli", "train", str(RECIPES / f"{name}.yaml"), f"run.dir={run}",
+                           *SHORT, *extra], capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     rl = [m for m in lines if m["stage"] == "rl"]
     assert len(rl) == 2 and all(math.isfinite(m["reward/mean"]) for m in rl)
