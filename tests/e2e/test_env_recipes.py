@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 ENV_RECIPES = ("math_python", "search_qa", "text_to_sql", "code", "function_calling")
-SHORT = ["sft.examples=8", "sft.epochs=1", "pipeline.eval_after_sft=false", "eval.size=4", "eval.no_tools=false",
+SHORT = ["sft.epochs=1", "pipeline.eval_after_sft=false", "eval.size=4", "eval.no_tools=false",
          "rl.steps=2", "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_batch_size=8",
          "run.tensorboard=false"]
 
@@ -27,7 +27,7 @@ SHORT = ["sft.examples=8", "sft.epochs=1", "pipeline.eval_after_sft=false", "eva
 def _cold_start_data(name: str, tmp_path: Path) -> list[str]:
     """function_calling cold-starts on demonstrations written beforehand (its recipe says how)."""
     if name != "function_calling":
-        return []
+        return ["sft.examples=8"]
     from tirl.tasks.bfcl.demos import main as write_demos
 
     demos = tmp_path / "demos.jsonl"
