@@ -74,3 +74,17 @@ def test_algos_lists_every_estimator_loss_and_reward_with_a_description():
             "matchtir", "hdpo", "ppo_clip", "gspo", "cispo", "aepo", "toolrl", "otc_ppo", "otc_grpo", "toolstar",
             "etagent", "irm", "rlcr_brier", "mscr", "deepeyes", "dapo_overlong", "cm2_checklist", "judge_rubric",
             "math_verify", "qa_em", "qa_f1", "weighted_sum", "product", "gate"} <= names
+
+
+def test_recipe_and_overrides_may_sit_between_and_after_flags():
+    """`tirl eval --model M recipe.yaml --size 20 k=v`: every positional is kept, in order;
+    an unknown flag is still refused by name."""
+    from tirl.cli import _parse, _parser
+
+    args = _parse(_parser(), ["eval", "--model", "m", "r.yaml", "--size", "20", "a=1", "--no-tools", "b=2"])
+    assert args.items == ["r.yaml", "a=1", "b=2"] and args.size == 20 and args.no_tools
+    assert _parse(_parser(), ["train", "r.yaml", "x=1"]).items == ["r.yaml", "x=1"]
+    with pytest.raises(SystemExit):
+        _parse(_parser(), ["eval", "--model", "m", "--bogus", "a=1"])
+    with pytest.raises(SystemExit):
+        _parse(_parser(), ["tools", "stray"])

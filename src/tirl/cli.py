@@ -24,7 +24,7 @@ from tirl.errors import TirlError
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(_parser(), sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args) or 0
     except TirlError as e:
@@ -35,6 +35,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse, letting a recipe and key=value overrides sit between or after the flags
+    (`tirl eval --model M recipe.yaml --size 20 model.dtype=bfloat16`), in the order given."""
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("-") or not hasattr(args, "items")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.items = [*args.items, *extra]
+    return args
 
 
 def _parser() -> argparse.ArgumentParser:
