@@ -310,6 +310,30 @@ def test_results_match_rules():
     assert not results_match([(None, "a"), (1, "b")], 2, [(1, "b"), (None, "a")], 2, ordered=True)
 
 
+@pytest.mark.parametrize(("text", "correct"), [
+    (PARIS, True),
+    (f"Here is the query:\n```sql\n{PARIS}\n```", True),
+    (f"```sql\nSELECT 1\n```\nbetter:\n```sql\n{PARIS};\n```", True),
+    (f"with p as ({PARIS}) select * from p", True),
+    ("SELECT name FROM customers WHERE city = 'Lyon'", False),
+    (f"The answer is {PARIS}", False),
+])
+def test_untagged_answers_count_only_when_the_tag_is_not_required(shop, text, correct):
+    """A bare or fenced query is read with require_tag=false (format stays 0); strict scoring gives 0."""
+    assert reward(gold(shop, PARIS), text).components["error/no_answer"] == 1.0
+    r = reward(gold(shop, PARIS), text, require_tag=False)
+    assert (r.correct, r.components["format"]) == (correct, 0.0)
+    assert reward(gold(shop, PARIS), f"<answer>{PARIS}</answer>", require_tag=False).components["format"] == 1.0
+
+
+def test_require_tag_must_be_a_boolean():
+    from tirl.rewards.base import check_params
+    from tirl.tasks.text_to_sql.reward import sql_result_match
+
+    with pytest.raises(ValueError, match="require_tag must be true or false"):
+        check_params("sql_result_match", sql_result_match, {"require_tag": "no"})
+
+
 def test_extract_query():
     assert extract_query("<answer> SELECT 1; </answer>") == "SELECT 1;"
     assert extract_query("```sql\nSELECT 1\n```") is None

@@ -14,6 +14,10 @@ and for a failed answer exactly one `error/<why>` = 1: `no_answer`, `too_long`, 
 ATTACH, a pragma, ...), `sql_error` (syntax, unknown table or column, two statements), `timeout`,
 `no_result` (a statement without a result), `too_many_rows`, `wrong_result`. Model output never
 raises; a gold query that fails does (a bug of the task).
+
+`require_tag=false` (for evaluating a model never taught the tag) also reads an untagged answer:
+its last ```-fenced block, else the whole message when it begins with SELECT or WITH; `format`
+stays 1 only for a tagged answer.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ MAX_QUERY_CHARS = 10_000
 
 _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _FENCE_RE = re.compile(r"^```[A-Za-z]*\s*(.*?)\s*```$", re.DOTALL)
+_FENCED_RE = re.compile(r"```[A-Za-z]*\s*(.*?)\s*```", re.DOTALL)
+_BARE_RE = re.compile(r"^\s*(SELECT|WITH)\b", re.IGNORECASE)
 
 
 def extract_query(text: str | None) -> str | None:
@@ -52,6 +58,16 @@ def extract_query(text: str | None) -> str | None:
     query = found[-1].strip()
     fenced = _FENCE_RE.match(query)
     return fenced.group(1).strip() if fenced else query
+
+
+def untagged_query(text: str | None) -> str | None:
+    """The last ```-fenced block of `text`, else `text` itself when it begins with SELECT or WITH."""
+    if not text:
+        return None
+    blocks = [b.strip() for b in _FENCED_RE.findall(text) if b.strip()]
+    if blocks:
+        return blocks[-1]
+    return text.strip() if _BARE_RE.match(text) else None
 
 
 @dataclass(frozen=True)
@@ -109,15 +125,18 @@ def database_of(problem: Problem) -> Path:
 @REWARDS.register(REWARD_NAME)
 async def sql_result_match(trajectory: Trajectory, problem: Problem, group: GroupContext, format_bonus: float = 0.0,
                            execution_bonus: float = 0.0, tolerance: float = 1e-6, max_query_s: float = 5.0,
-                           ignore_column_order: bool = True) -> RewardResult:
+                           ignore_column_order: bool = True, require_tag: bool = True) -> RewardResult:
     """Execution accuracy: 1 iff the <answer> query gives the gold query's rows (in order if the gold sorts); read-only.
 
     `tolerance` is the relative and absolute tolerance on numbers; `max_query_s` limits each query;
-    `ignore_column_order` accepts the gold's columns in another order.
+    `ignore_column_order` accepts the gold's columns in another order; `require_tag=false` also reads
+    an untagged query (module docstring).
     """
     path = database_of(problem)
     gold = gold_execution(str(path), problem.answer, max_query_s)
-    query = extract_query(trajectory.final_answer)
+    query = tagged = extract_query(trajectory.final_answer)
+    if query is None and not require_tag:
+        query = untagged_query(trajectory.final_answer)
     if query is None:
         pred = Execution(error="no_answer", message="no <answer> tag")
     else:
@@ -125,10 +144,19 @@ async def sql_result_match(trajectory: Trajectory, problem: Problem, group: Grou
     correct = pred.error is None and results_match(pred.rows, pred.width, gold.rows, gold.width,
                                                    has_top_level_order_by(problem.answer), tolerance,
                                                    ignore_column_order)
-    well_formed = bool(query)
+    well_formed = bool(tagged)
     components = {"correct": float(correct), "format": float(well_formed), "executes": float(pred.error is None)}
     why = pred.error or (None if correct else "wrong_result")
     if why is not None:
         components[f"error/{why}"] = 1.0
     total = float(correct) + format_bonus * well_formed + execution_bonus * (pred.error is None)
     return RewardResult(total=total, components=components, correct=correct)
+
+
+def _validate(params: dict[str, Any], task_reward: str) -> None:
+    """Reject a non-boolean `require_tag` before any work starts (called by `check_params`)."""
+    if not isinstance(params.get("require_tag", True), bool):
+        raise ValueError(f"reward {REWARD_NAME!r}: require_tag must be true or false, got {params['require_tag']!r}")
+
+
+sql_result_match.validate = _validate  # type: ignore[attr-defined]
