@@ -409,6 +409,19 @@ class EvalConfig(_Section):
         return self
 
 
+class DistributedConfig(_Section):
+    """Data-parallel training under torch.distributed, launched by `torchrun --nproc-per-node N -m tirl.cli
+    train recipe.yaml` (see `tirl.trainer.distributed`)."""
+
+    strategy: Literal["none", "auto", "ddp", "fsdp2"] = Field("none", description=(
+        "none: one process; ddp: every rank holds the whole model, gradients are summed across ranks; "
+        "fsdp2: the decoder layers' weights, gradients and optimizer state sharded across ranks (full "
+        "fine-tuning only); "
+        "auto: ddp when launched by torchrun (WORLD_SIZE set), else none."))
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl on CUDA, gloo on CPU.")
+    timeout_s: float = Field(1800.0, gt=0, description="Seconds a collective may wait for the other ranks.")
+
+
 class PipelineConfig(_Section):
     eval_before: bool = Field(True, description="Evaluate the starting model.")
     sft: bool = Field(True, description="SFT cold start.")
@@ -428,6 +441,7 @@ class Config(_Section):
     sft: SFTConfig = SFTConfig()
     eval: EvalConfig = EvalConfig()
     pipeline: PipelineConfig = PipelineConfig()
+    distributed: DistributedConfig = DistributedConfig()
     tools: dict[str, dict[str, Any]] = Field(default_factory=dict, description=(
         "Settings per tool in task.tools: tools.<name>.<key> (see `tirl tools`); checked by the tool's "
         "own settings model before any work starts."))

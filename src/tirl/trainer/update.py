@@ -42,6 +42,7 @@ from tirl.algorithms import (ADVANTAGES, POLICY_LOSSES, AdvantageInput, NeedsTre
 from tirl.errors import ConfigError, InvariantError
 from tirl.rollout.tree import ROOT, check_tree, is_tree, node_spans
 from tirl.trainer.critic import critic_loss, value_stats
+from tirl.trainer.distributed import World, clip_grad_norm, max_over_ranks, sum_over_ranks, sync_gradients
 from tirl.trainer.forward import ScoredBatch, response_logprobs
 from tirl.trainer.reference import Reference, as_reference
 from tirl.types import Trajectory, TrajectoryGroup
@@ -75,6 +76,8 @@ class UpdateSettings:
     """cliprange_value of the value loss (None: unclipped)."""
     critic_only: bool = False
     """Critic warm-up: train only the value head (no policy, KL, entropy or replay terms)."""
+    world: World = World()
+    """Data-parallel ranks (module `distributed`): each runs its share of every mini-batch's rows."""
 
 
 @dataclass(frozen=True)
@@ -319,15 +322,23 @@ def _minibatch_step(model, optimizer, batch: Batch, rows: list[int], s: UpdateSe
     norms = _Norms(num_tokens, num_seqs, float(batch.mask.shape[1]))
     sums: dict[str, float] = {}
     active = _rows_with_gradient(batch, rows, s, ex.critic)
+    micros = _chunks(s.world.share(active), s.micro_batch_size)
     total_loss = 0.0
-    for micro in _chunks(active, s.micro_batch_size):
+    for micro in micros:
         loss, weight, micro_metrics = _micro_loss(model, batch, micro, s, ex, norms)
-        loss.backward()
+        (loss * s.world.loss_scale if s.world.sharded else loss).backward()
         total_loss += float(loss.detach())
         for k, v in micro_metrics.items():
             sums[k] = sums.get(k, 0.0) + v * weight
+    if s.world.sharded:  # every rank makes the same collectives: zero-weighted micro-batches make up the count
+        for _ in range(max_over_ranks(len(micros), s.world) - len(micros)):
+            (_micro_loss(model, batch, rows[:1], s, ex, norms)[0] * 0.0).backward()
     replay_metrics = _replay_pass(model, ex.replay, replay_rows, s, ex.replay_weight) if replay_rows else {}
-    grad_norm = _clip([model, ex.critic], s.max_grad_norm)
+    if s.world.enabled:
+        sync_gradients([model, ex.critic], s.world)
+        sums = sum_over_ranks({**sums, "train/loss": total_loss}, s.world)
+        total_loss = sums.pop("train/loss", 0.0)
+    grad_norm = _clip([model, ex.critic], s.max_grad_norm, s.world)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scored = float(batch.trained[active].sum()) if active else 0.0
@@ -416,7 +427,7 @@ def _replay_pass(model, replay: Batch, rows: list[int], s: UpdateSettings, weigh
     norms = _Norms(num_tokens, num_seqs, float(replay.mask.shape[1]))
     sums: dict[str, float] = {}
     total = 0.0
-    for micro in _chunks(rows, s.micro_batch_size):
+    for micro in _chunks(s.world.share(rows), s.micro_batch_size):
         scored = _score(model, [replay.trajs[i] for i in micro], s, with_entropy=True)
         width = scored.logprobs.shape[1]
         mask = replay.trained[micro, :width].to(scored.logprobs.device)
@@ -427,6 +438,9 @@ def _replay_pass(model, replay: Batch, rows: list[int], s: UpdateSettings, weigh
         total += float(loss.detach())
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + v * float(mask.sum())
+    if s.world.enabled:
+        sums = sum_over_ranks({**sums, "replay/_loss": total}, s.world)
+        total = sums.pop("replay/_loss")
     tokens = max(float(num_tokens), 1.0)
     out = {k.replace("train/", "replay/"): v / tokens for k, v in sums.items()}
     return {**out, "replay/loss": total, "replay/weighted_loss": weight * total, "replay/tokens": float(num_tokens)}
@@ -441,8 +455,10 @@ def _mismatch(trajs: list[Trajectory], logprobs: torch.Tensor, mask: torch.Tenso
     return float(((logprobs - sample).abs() * mask).sum() / mask.sum().clamp(min=1))
 
 
-def _clip(modules, max_norm: float | None) -> float:
+def _clip(modules, max_norm: float | None, world: World = World()) -> float:
     params = [p for m in modules if m is not None for p in m.parameters() if p.grad is not None]
+    if world.sharded:
+        return clip_grad_norm(params, max_norm)
     if not params:
         return 0.0
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))

@@ -1,0 +1,193 @@
+"""Data-parallel training (module `tirl.trainer.distributed`) with two real gloo processes on the CPU.
+
+A two-rank update on a fixed batch whose ranks hold unequal token counts gives the single-process
+update (ddp and fsdp2), while the naive mean of the ranks' own updates does not; a short `tirl train`
+run under torchrun saved at world size 2 resumes at world size 1; config errors name the key.
+
+This file is also the ranks' program: `python -m torch.distributed.run --nproc-per-node 2 <this file>
+update <model dir> <out file> <strategy>`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tirl.config import load_config
+from tirl.errors import ConfigError
+from tirl.trainer import distributed
+from tirl.trainer.distributed import World, share_bounds
+from tirl.trainer.update import Batch, UpdateSettings, advantages_for, rl_update
+from tirl.types import StopReason, Trajectory, TrajectoryGroup, TrajectoryMeta, Turn
+
+LR = 0.5
+CLIP = 0.05
+"""A max_grad_norm small enough that clipping is active: the ranks must clip with the global norm. (Without
+clipping, a wrong gradient scale shows; with it, a wrong norm.)"""
+
+
+def _traj(prompt, response, reward, gid, k):
+    turns = (Turn(0, len(response), len(response), "", "eos"),)
+    return Trajectory(tuple(prompt), tuple(response), (1,) * len(response), (-1.0,) * len(response), turns, (),
+                      StopReason.ANSWERED, TrajectoryMeta("t", gid, k), reward=reward)
+
+
+def _groups() -> list[TrajectoryGroup]:
+    """Two groups of 4; rank 0's rows (group 0) hold 10 tokens, rank 1's (group 1) 34."""
+    g = torch.Generator().manual_seed(3)
+    rand = lambda n: torch.randint(0, 500, (n,), generator=g).tolist()  # noqa: E731
+    lengths = [(2, 3, 1, 4), (12, 5, 9, 8)]
+    groups = []
+    for gi in range(2):
+        prompt = rand(5)
+        trajs = [_traj(prompt, rand(n), float(k % 2) + 0.25 * gi * k, str(gi), k) for k, n in enumerate(lengths[gi])]
+        groups.append(TrajectoryGroup(str(gi), "t", tuple(trajs)))
+    return groups
+
+
+def _settings(max_grad_norm: float | None, world: World = World()) -> UpdateSettings:
+    return UpdateSettings(max_grad_norm=max_grad_norm, micro_batch_size=1, world=world)
+
+
+def _model(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+
+
+def _updated(model, batch: Batch, s: UpdateSettings) -> dict[str, torch.Tensor]:
+    rl_update(model, torch.optim.SGD(model.parameters(), lr=LR), batch, s)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _rows(batch: Batch, rows: list[int]) -> Batch:
+    """`batch` restricted to `rows` (its own normalisers: what a rank that knew only its rows would do)."""
+    pick = lambda t: t[rows] if isinstance(t, torch.Tensor) else t  # noqa: E731
+    return dataclasses.replace(batch, trajs=[batch.trajs[i] for i in rows], mask=pick(batch.mask),
+                               advantages=pick(batch.advantages), old_logprobs=pick(batch.old_logprobs),
+                               train_mask=pick(batch.train_mask))
+
+
+# ----------------------------------------------------------------------------- the ranks' program
+
+
+def _rank_update(model_dir: str, out: str, strategy: str, max_grad_norm: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    world = World(strategy, dist.get_rank(), dist.get_world_size())
+    distributed.use(world)
+    model = distributed.prepare_model(_model(model_dir), world)
+    s = _settings(float(max_grad_norm) or None, world)
+    metrics = rl_update(model, torch.optim.SGD(model.parameters(), lr=LR), advantages_for(_groups(), s), s)
+    state = {n: v.detach().clone() for n, v in distributed.full_model_state(model, world).items()}
+    if world.is_main:
+        torch.save({"params": state, "metrics": metrics}, out)
+    distributed.teardown()
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(args: list[str], cwd: Path | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), *args]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, CLIP])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_rank_update_equals_single_process(tiny_model_dir, tmp_path, strategy, max_grad_norm):
+    """Exact: the ranks' summed gradients are the single-process gradient (token mean over the global
+    batch, global clipping norm). The naive mean of the ranks' own updates (each normalised by its own
+    tokens, clipped by its own norm) is far off, so the comparison can fail."""
+    groups = _groups()
+    s = _settings(max_grad_norm)
+    batch = advantages_for(groups, s)
+    reference = _updated(_model(tiny_model_dir), batch, s)
+    rows = list(range(len(batch.trajs)))
+    shares = [rows[slice(*share_bounds(len(rows), r, 2))] for r in range(2)]
+    assert [int(batch.mask[sh].sum()) for sh in shares] == [10, 34]
+    per_rank = [_updated(_model(tiny_model_dir), _rows(batch, sh), s) for sh in shares]
+    naive = {n: (per_rank[0][n] + per_rank[1][n]) / 2 for n in reference}
+
+    out = tmp_path / "params.pt"
+    _torchrun([__file__, "update", str(tiny_model_dir), str(out), strategy, str(max_grad_norm or 0)])
+    got = torch.load(out)["params"]
+    start = _model(tiny_model_dir).state_dict()
+
+    def max_diff(a, b):
+        return max(float((a[n] - b[n]).abs().max()) for n in reference)
+
+    step_size = max_diff(reference, start)
+    assert step_size > 1e-3, "the update must move the weights"
+    assert max_diff(naive, reference) > 1e-3 * step_size * 100, "the naive mean of rank means must differ"
+    assert max_diff(got, reference) < 1e-6, f"{strategy}: differs from the single-process update"
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["distributed.strategy=ddp"], "WORLD_SIZE"),
+    (["distributed.strategy=fsdp2"], "WORLD_SIZE"),
+])
+def test_strategy_without_torchrun_is_a_config_error(overrides, key):
+    cfg = load_config(None, overrides)
+    with pytest.raises(ConfigError, match=key):
+        distributed.resolve_strategy(cfg, env={})
+
+
+def test_auto_resolves_by_launch():
+    cfg = load_config(None, ["distributed.strategy=auto", "rollout.prompts_per_step=4"])
+    assert distributed.resolve_strategy(cfg, env={}) == "none"
+    assert distributed.resolve_strategy(cfg, env={"WORLD_SIZE": "2"}) == "ddp"
+    assert distributed.resolve_strategy(load_config(None, []), env={"WORLD_SIZE": "2"}) == "none"
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["rollout.prompts_per_step=3"], "rollout.prompts_per_step"),
+    (["rollout.prompts_per_step=4", "rollout.dynamic_sampling.enabled=true"], "rollout.dynamic_sampling.enabled"),
+    (["rollout.prompts_per_step=4", "distributed.strategy=fsdp2", "model.lora.enabled=true"], "model.lora.enabled"),
+])
+def test_unsupported_or_indivisible_is_a_config_error(overrides, key):
+    cfg = load_config(None, ["distributed.strategy=ddp", *overrides])
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        distributed.resolve_strategy(cfg, env={"WORLD_SIZE": "2"})
+
+
+def test_unknown_strategy_names_the_key():
+    with pytest.raises(ConfigError, match="distributed.strategy"):
+        load_config(None, ["distributed.strategy=zero3"])
+
+
+def test_shares_cover_in_order():
+    for n in range(7):
+        parts = [list(range(n))[slice(*share_bounds(n, r, 3))] for r in range(3)]
+        assert [i for p in parts for i in p] == list(range(n))
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "update":
+        _rank_update(*sys.argv[2:6])
+    else:
+        raise SystemExit(f"unknown mode {sys.argv[1]!r}")
