@@ -422,6 +422,36 @@ class DistributedConfig(_Section):
     timeout_s: float = Field(1800.0, gt=0, description="Seconds a collective may wait for the other ranks.")
 
 
+class ClusterConfig(_Section):
+    """RL rollouts on Ray actors (`pip install 'tirl[ray]'`); off: everything runs in this process."""
+
+    enabled: bool = Field(False, description="Run RL rollouts on Ray rollout workers (and tools on tool workers).")
+    address: str | None = Field(None, description="null: start a local Ray; 'auto': join the cluster this "
+                                                   "machine is part of; 'ray://host:port' or 'host:port': connect.")
+    rollout_workers: int = Field(2, ge=1, description="Rollout actors, each with its own generation backend.")
+    tool_workers: int = Field(0, ge=0, description="Tool actors running the tools (0: tools run inside the "
+                                                   "rollout workers).")
+    rollout_num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per rollout worker.")
+    rollout_num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per rollout worker.")
+    tool_num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per tool worker (tool workers get no GPU).")
+    rollout_resources: dict[str, float] = Field(default_factory=dict, description=(
+        "Custom Ray resources per rollout worker (e.g. {gen_node: 1}: only nodes started with that resource)."))
+    tool_resources: dict[str, float] = Field(default_factory=dict, description=(
+        "Custom Ray resources per tool worker (e.g. {tool_node: 1}), keeping tools off the GPU nodes."))
+    max_restarts: int = Field(3, ge=0, description="Times Ray restarts a worker whose process died.")
+    max_reissues: int = Field(3, ge=0, description="Times one problem's group is re-issued after its worker died.")
+    object_store_mb: int | None = Field(None, ge=80, description="Object store size of a locally started Ray "
+                                                                 "(null: Ray's default).")
+
+    @model_validator(mode="after")
+    def _check_address(self) -> ClusterConfig:
+        import re
+        a = self.address
+        if a is not None and a != "auto" and not re.fullmatch(r"(ray://)?[A-Za-z0-9_.\-\[\]:]+:\d{1,5}", a):
+            raise ValueError(f"cluster.address={a!r} is not null, 'auto', 'ray://host:port' or 'host:port'")
+        return self
+
+
 class PipelineConfig(_Section):
     eval_before: bool = Field(True, description="Evaluate the starting model.")
     sft: bool = Field(True, description="SFT cold start.")
@@ -441,6 +471,7 @@ class Config(_Section):
     sft: SFTConfig = SFTConfig()
     eval: EvalConfig = EvalConfig()
     pipeline: PipelineConfig = PipelineConfig()
+    cluster: ClusterConfig = ClusterConfig()
     distributed: DistributedConfig = DistributedConfig()
     tools: dict[str, dict[str, Any]] = Field(default_factory=dict, description=(
         "Settings per tool in task.tools: tools.<name>.<key> (see `tirl tools`); checked by the tool's "
@@ -468,6 +499,8 @@ class Config(_Section):
             raise ValueError("backend.openai.* has no effect unless backend.name=openai")
         if self.backend.name != "vllm" and self.backend.vllm != VLLMBackendConfig():
             raise ValueError("backend.vllm.* has no effect unless backend.name=vllm")
+        if not self.cluster.enabled and self.cluster != ClusterConfig():
+            raise ValueError("cluster.* has no effect unless cluster.enabled=true")
         return self
 
     def run_dir(self) -> Path:

@@ -88,6 +88,8 @@ def preflight(cfg: Config) -> None:
                           f"rollout.strategy={cfg.rollout.strategy} samples flat groups; use rollout.strategy=tree "
                           "or entropy_branch")
     check_backend(cfg)
+    from tirl.cluster import check_config as check_cluster
+    check_cluster(cfg)
     if cfg.pipeline.sft and cfg.sft.source == "rollouts":
         from tirl.trainer.sft_data import resolve_paths
         try:

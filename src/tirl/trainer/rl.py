@@ -109,10 +109,10 @@ def run_rl(cfg: Config, policy: Policy, task: Task, tools: ToolSet, reward_fn: R
     state = stage.resume()
     traj_dir = run_dir / "trajectories" / "rl"
     _drop_after(traj_dir, state["step"])
-    backend = make_backend(policy, cfg)
+    backend = make_backend(policy, cfg) if not cfg.cluster.enabled else _start_rollout_pool(cfg, policy)
     make_env = EnvFactory(task, tools, cfg, policy.fmt)
     spec, settings = rollout_spec(cfg, policy), update_settings(cfg, policy)
-    strategy = build_strategy(cfg)
+    strategy = build_strategy(cfg) if not cfg.cluster.enabled else backend.strategy(cfg)
     strategy.load_state_dict(state.get("strategy", {}))
     data = _Cursor(task, state.get("cursor", 0))
     reward_state = RewardState(state.get("reward_state", {}))
@@ -171,6 +171,13 @@ class _Cursor:
         if task_id not in self.taken:
             raise KeyError(f"problem {task_id!r} is not among the {self.cursor} training problems of this run")
         return self.taken[task_id]
+
+
+def _start_rollout_pool(cfg: Config, policy: Policy):
+    """`cluster.enabled`: Ray rollout workers stand in for the local backend (`tirl.cluster`)."""
+    from tirl.cluster import start_rollout_pool
+
+    return start_rollout_pool(cfg, policy)
 
 
 def _with_deadline(spec: RolloutSpec, step_timeout_s: float | None) -> RolloutSpec:
