@@ -19,7 +19,7 @@ from tests.cluster import helpers  # noqa: E402
 from tirl.cluster import check_config, require_ray  # noqa: E402
 from tirl.cluster.ray_pool import RayFlat, RolloutPool, _check_resources, start_rollout_workers, wait_ready  # noqa: E402
 from tirl.cluster.workers import GroupJob, GroupResult  # noqa: E402
-from tirl.config import load_config  # noqa: E402
+from tirl.config import Config, load_config  # noqa: E402
 from tirl.errors import ConfigError  # noqa: E402
 from tirl.rollout.agent import TurnLimits  # noqa: E402
 from tirl.rollout.groups import Flat, RolloutContext, RolloutSpec, run_strategy  # noqa: E402
@@ -101,8 +101,11 @@ def test_a_worker_killed_mid_step_loses_no_group_and_counts_none_twice(pool, smo
 
     async def step_with_a_kill():
         running = asyncio.ensure_future(run_strategy(RayFlat(pool), PROBLEMS, _ctx(smol_format, pool, step=7)))
+        waited = 0.0
         while (await victim.status.remote())[0] == 0:  # wait until it is generating some groups
+            assert waited < 60 and not running.done(), "worker 0 never got a group"
             await asyncio.sleep(0.02)
+            waited += 0.02
         os.kill(old_pid, signal.SIGKILL)
         return await running
 
@@ -169,6 +172,19 @@ def test_a_strategy_the_cluster_does_not_run_is_refused():
     cfg = load_config(overrides=["cluster.enabled=true", "rollout.strategy=tree"])
     with pytest.raises(ConfigError, match="rollout.strategy=flat only"):
         check_config(cfg)
+
+
+def test_cluster_with_data_parallel_training_is_refused(monkeypatch):
+    if "distributed" not in Config.model_fields:
+        pytest.skip("no distributed section in this config")
+    with pytest.raises(ConfigError, match="distributed.strategy=ddp is not supported"):
+        check_config(load_config(overrides=["cluster.enabled=true", "distributed.strategy=ddp"]))
+    auto = load_config(overrides=["cluster.enabled=true", "distributed.strategy=auto"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="distributed.strategy=auto is not supported"):
+        check_config(auto)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    check_config(auto)
 
 
 def test_missing_ray_names_the_install_command(monkeypatch):

@@ -14,6 +14,7 @@ stateful reward sees the same sequence. Only the `flat` strategy runs on the clu
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from tirl.config import ClusterConfig
@@ -42,6 +43,10 @@ def check_config(cfg) -> None:
     if cfg.rollout.strategy != "flat":
         raise ConfigError(f"cluster.enabled=true samples with rollout.strategy=flat only, not "
                           f"{cfg.rollout.strategy!r}")
+    data_parallel = getattr(getattr(cfg, "distributed", None), "strategy", "none")
+    if data_parallel in ("ddp", "fsdp2") or (data_parallel == "auto" and int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        raise ConfigError(f"cluster.enabled=true with distributed.strategy={data_parallel} is not supported: every "
+                          "training rank would start its own rollout workers; use one of the two")
 
 
 def connect(cfg: ClusterConfig) -> Any:
