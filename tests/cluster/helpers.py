@@ -74,3 +74,18 @@ async def whoami() -> str:
 
 def pid_tools() -> ToolSet:
     return ToolSet([whoami, calculator])
+
+
+@tool(name="sleepy")
+async def sleepy(seconds: float) -> str:
+    """Sleep, then give the process id.
+
+    Args:
+        seconds: How long to sleep.
+    """
+    await asyncio.sleep(seconds)
+    return str(os.getpid())
+
+
+def slow_tools() -> ToolSet:
+    return ToolSet([sleepy])

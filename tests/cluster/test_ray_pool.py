@@ -22,7 +22,7 @@ from tirl.cluster.workers import GroupJob, GroupResult  # noqa: E402
 from tirl.config import Config, load_config  # noqa: E402
 from tirl.errors import ConfigError  # noqa: E402
 from tirl.rollout.agent import TurnLimits  # noqa: E402
-from tirl.rollout.groups import Flat, RolloutContext, RolloutSpec, run_strategy  # noqa: E402
+from tirl.rollout.groups import Flat, RolloutContext, RolloutSpec, StrategyOutput, run_strategy  # noqa: E402
 from tirl.tasks.base import Problem  # noqa: E402
 
 PROBLEMS = [Problem(id=f"p{i}", question=f"What is {i} + 1?", answer=str(i % 7)) for i in range(6)]
@@ -62,7 +62,7 @@ def _on_pool(pool, fmt, **kw):
 
 def _content(out):
     """What a step trains on and records (turn timings left out)."""
-    return [(g.group_id, g.task_id, [(t.meta.sample_index, t.prompt_ids, t.response_ids, t.loss_mask, t.logprobs,
+    return [(g.group_id, g.task_id, [(t.meta.group_id, t.meta.sample_index, t.prompt_ids, t.response_ids, t.loss_mask, t.logprobs,
                                       t.final_answer, t.reward, t.stop_reason, [r.content for r in t.tool_results])
                                      for t in g.trajectories]) for g in out.groups]
 
@@ -119,6 +119,26 @@ def test_a_worker_killed_mid_step_loses_no_group_and_counts_none_twice(pool, smo
     assert _pid_after_restart(ray, victim) != old_pid  # Ray restarted it
     again = _on_pool(pool, smol_format, step=8)  # and the restarted worker loads the weights again
     assert _content(again) == _content(_local(smol_format, smol_tokenizer, step=8))
+
+
+def test_dynamic_sampling_batches_on_the_pool_equal_local_ones(pool, smol_format, smol_tokenizer):
+    from tirl.rollout.dynamic import dynamic_sample
+
+    def sample(strategy, backend):
+        data = list(PROBLEMS)
+        take = lambda n: [data.pop(0) for _ in range(min(n, len(data)))]  # noqa: E731
+        ctx = RolloutContext(helpers.make_env, backend, smol_format, SPEC, _answer_even, step=9, seed=11)
+        return asyncio.run(dynamic_sample(strategy, take, 2, ctx, metric="reward", max_batches=3))
+
+    remote, local = sample(RayFlat(pool), pool), sample(Flat(), helpers.VersionedScripted(smol_tokenizer))
+    assert _content(remote) == _content(local)
+    assert _content(StrategyOutput(remote.dropped)) == _content(StrategyOutput(local.dropped))
+    assert remote.dropped and any(".b1" in g.group_id for g in remote.groups + remote.dropped)
+
+
+def _answer_even(traj, problem, group):
+    """1 when the scripted answer digit is even: varies within some groups, not in others."""
+    return float(int(traj.final_answer[len("<answer>")]) % 2 == 0)
 
 
 def _pid_after_restart(ray, actor, timeout_s=120.0):

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
+import time
 
 import pytest
 
@@ -92,3 +94,29 @@ def test_a_stateful_python_session_stays_on_one_worker(local_ray):
     finally:
         for a in actors:
             local_ray.kill(a)
+
+
+def test_a_tool_worker_killed_mid_call_is_an_error_the_model_sees_then_it_is_back(local_ray):
+    (actor,) = start_tool_workers(helpers.slow_tools, 1, num_cpus=0.25, max_restarts=1)
+    try:
+        wait_ready([actor], "tool workers")
+        tools = ray_toolset([actor])
+        old_pid = local_ray.get(actor.pid.remote())
+
+        async def call_and_kill():
+            running = asyncio.ensure_future(_calls(tools, ToolCall("c", "sleepy", {"seconds": 30})))
+            await asyncio.sleep(1.0)
+            os.kill(old_pid, signal.SIGKILL)
+            return await running
+
+        (killed,) = asyncio.run(call_and_kill())
+        assert killed.status is ToolStatus.EXECUTION_ERROR and "tool worker running 'sleepy' died" in killed.content
+        deadline = time.monotonic() + 120
+        while True:  # Ray restarts the worker; calls work again there
+            (again,) = asyncio.run(_calls(tools, ToolCall("d", "sleepy", {"seconds": 0})))
+            if again.status is ToolStatus.OK or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert again.status is ToolStatus.OK and int(again.content) != old_pid
+    finally:
+        local_ray.kill(actor)
