@@ -409,19 +409,6 @@ class EvalConfig(_Section):
         return self
 
 
-class DistributedConfig(_Section):
-    """Data-parallel training under torch.distributed, launched by `torchrun --nproc-per-node N -m tirl.cli
-    train recipe.yaml` (see `tirl.trainer.distributed`)."""
-
-    strategy: Literal["none", "auto", "ddp", "fsdp2"] = Field("none", description=(
-        "none: one process; ddp: every rank holds the whole model, gradients are summed across ranks; "
-        "fsdp2: the decoder layers' weights, gradients and optimizer state sharded across ranks (full "
-        "fine-tuning only); "
-        "auto: ddp when launched by torchrun (WORLD_SIZE set), else none."))
-    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl on CUDA, gloo on CPU.")
-    timeout_s: float = Field(1800.0, gt=0, description="Seconds a collective may wait for the other ranks.")
-
-
 class ClusterConfig(_Section):
     """RL rollouts on Ray actors (`pip install 'tirl[ray]'`); off: everything runs in this process."""
 
@@ -450,6 +437,19 @@ class ClusterConfig(_Section):
         if a is not None and a != "auto" and not re.fullmatch(r"(ray://)?[A-Za-z0-9_.\-\[\]:]+:\d{1,5}", a):
             raise ValueError(f"cluster.address={a!r} is not null, 'auto', 'ray://host:port' or 'host:port'")
         return self
+
+
+class DistributedConfig(_Section):
+    """Data-parallel training under torch.distributed, launched by `torchrun --nproc-per-node N -m tirl.cli
+    train recipe.yaml` (see `tirl.trainer.distributed`)."""
+
+    strategy: Literal["none", "auto", "ddp", "fsdp2"] = Field("none", description=(
+        "none: one process; ddp: every rank holds the whole model, gradients are summed across ranks; "
+        "fsdp2: the decoder layers' weights, gradients and optimizer state sharded across ranks (full "
+        "fine-tuning only); "
+        "auto: ddp when launched by torchrun (WORLD_SIZE set), else none."))
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl on CUDA, gloo on CPU.")
+    timeout_s: float = Field(1800.0, gt=0, description="Seconds a collective may wait for the other ranks.")
 
 
 class PipelineConfig(_Section):

@@ -17,6 +17,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -144,6 +145,94 @@ def test_two_rank_update_equals_single_process(tiny_model_dir, tmp_path, strateg
     assert step_size > 1e-3, "the update must move the weights"
     assert max_diff(naive, reference) > 1e-3 * step_size * 100, "the naive mean of rank means must differ"
     assert max_diff(got, reference) < 1e-6, f"{strategy}: differs from the single-process update"
+
+
+REWARD = '''
+def token_parity(trajectory, problem, group):
+    """Fraction of sampled tokens with an even id: varies on random outputs."""
+    ids = [t for t, m in zip(trajectory.response_ids, trajectory.loss_mask) if m]
+    return {"even": sum(1 for t in ids if t % 2 == 0) / max(1, len(ids))}
+'''
+
+VOLATILE = ("time/", "speed/", "gen/batches", "gen/decode_steps", "gen/prefill_tokens")
+
+
+def _train_args(model_dir: Path, steps: int) -> list[str]:
+    return ["-m", "tirl.cli", "train", f"model.name={model_dir}", "task.reward=dist_reward:token_parity",
+            "pipeline.eval_before=false", "pipeline.sft=false", "pipeline.eval_after_sft=false",
+            "pipeline.eval_after=false", f"rl.steps={steps}", "rl.save_every=1", "rollout.group_size=3",
+            "rollout.prompts_per_step=2", "rollout.max_new_tokens_per_turn=12", "rollout.max_new_tokens=24",
+            "rollout.max_turns=2", "rl.optim.lr=1e-3", "run.tensorboard=false", "run.seed=3"]
+
+
+def _metrics(run_dir: Path) -> dict[int, dict]:
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: {k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in recs if r["stage"] == "rl"}
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"the run ended before {path} was written: {proc.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, f"no {path} after {timeout} s"
+        time.sleep(0.1)
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    (tmp_path / "dist_reward.py").write_text(REWARD)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+
+def _launcher(ranks: int) -> list[str]:
+    if ranks == 1:
+        return [sys.executable]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-addr",
+            "127.0.0.1", "--master-port", str(_free_port())]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tiny_model_dir, tmp_path_factory) -> tuple[dict[int, dict], Path]:
+    """Metrics and final model directory of an uninterrupted single-process run of 4 RL steps."""
+    tmp = tmp_path_factory.mktemp("straight")
+    subprocess.run([sys.executable, *_train_args(tiny_model_dir, 4)], cwd=tmp, env=_env(tmp), check=True,
+                   capture_output=True, timeout=300)
+    return _metrics(tmp / "runs" / "default"), tmp / "runs" / "default" / "models" / "final"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy, first, then", [("ddp", 2, 1), ("fsdp2", 2, 1), ("fsdp2", 1, 2)])
+def test_run_resumes_at_another_world_size(tiny_model_dir, tmp_path, straight_run, strategy, first, then):
+    """`tirl train` with `first` ranks (torchrun, gloo), stopped after its step-2 checkpoint, then the same
+    command with `then` ranks: it resumes at step 2 (cursor 4) and its four steps' metrics equal those of
+    an uninterrupted single-process run (same sampling seeds, same groups, an exact update), and so does
+    the final model."""
+    env = _env(tmp_path)
+    args = [*_train_args(tiny_model_dir, 4), f"distributed.strategy={strategy if first > 1 else 'none'}"]
+    proc = subprocess.Popen([*_launcher(first), *args], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    ckpt = tmp_path / "runs" / "default" / "checkpoints" / "rl" / "step_000002"
+    try:
+        _wait_for(ckpt / "COMPLETE", proc)
+    finally:
+        proc.terminate()  # torchrun stops its ranks
+        proc.wait(timeout=60)
+    assert json.loads((ckpt / "state.json").read_text())["cursor"] == 4
+    assert not (tmp_path / "runs" / "default" / "models" / "final").exists()
+
+    args[-1] = f"distributed.strategy={strategy if then > 1 else 'none'}"
+    resumed = subprocess.run([*_launcher(then), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resuming the run" in resumed.stdout
+    got = _metrics(tmp_path / "runs" / "default")
+    assert sorted(got) == [1, 2, 3, 4]
+    straight_metrics, straight_final = straight_run
+    for step, want in straight_metrics.items():
+        assert got[step].keys() == want.keys()
+        for k, v in want.items():
+            assert got[step][k] == (pytest.approx(v, rel=1e-4, abs=1e-6) if isinstance(v, float) else v), (step, k)
+    final, want_final = _model(tmp_path / "runs" / "default" / "models" / "final"), _model(straight_final)
+    assert max(float((a - b).abs().max()) for a, b in zip(final.parameters(), want_final.parameters())) < 1e-6
 
 
 @pytest.mark.parametrize("overrides, key", [

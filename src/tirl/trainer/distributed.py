@@ -182,6 +182,23 @@ def main_first(w: World, work: Callable[[], T]) -> T | None:
     return result
 
 
+def main_alone(w: World, work: Callable[[], T]) -> T | None:
+    """Run `work` on rank 0 as a single process (no collectives inside; evaluation, SFT) while the other
+    ranks wait; returns its result on rank 0, None elsewhere."""
+    global _WORLD
+    if not w.enabled:
+        return work()
+    result = None
+    if w.is_main:
+        _WORLD = World()
+        try:
+            result = work()
+        finally:
+            _WORLD = w
+    barrier()
+    return result
+
+
 # ----------------------------------------------------------------------------- collectives on Python objects
 
 
@@ -247,11 +264,20 @@ def _offset_key(key: tuple, offset: int) -> tuple:
     return key
 
 
-def gather_output(out, step: int, offset: int, w: World):
+def shard_rollout(take: Callable[[int], list[T]], prompts: int, ctx, w: World):
+    """`(take, prompts, ctx)` for this rank's share of a step of `prompts` problems (unchanged in a single
+    process): the rank's problems, their number, and a context seeding them as their global groups."""
+    if not w.enabled:
+        return take, prompts, ctx
+    return sharded_take(take, w), prompts // w.size, sharded_context(ctx, group_offset(prompts, w))
+
+
+def gather_output(out, step: int, prompts: int, w: World):
     """The step's `StrategyOutput` of all ranks (groups, failures, dropped groups), in rank order, with
-    group ids renumbered to their global index; every rank gets the same object."""
+    group ids renumbered to their global index (see `shard_rollout`); every rank gets the same object."""
     if not w.enabled:
         return out
+    offset = group_offset(prompts, w)
     local = dataclasses.replace(out, groups=[_renumber_group(g, step, offset) for g in out.groups],
                                 dropped=[_renumber_group(g, step, offset) for g in out.dropped],
                                 failed=[_renumber_traj(t, step, offset) for t in out.failed])
@@ -300,9 +326,10 @@ def _is_count(key: str) -> bool:
 # ----------------------------------------------------------------------------- model and gradients
 
 
-def prepare_model(model, w: World):
-    """The policy ready for data-parallel training (before its optimizer is made): ddp: rank 0's weights
-    broadcast to all; fsdp2: every decoder layer and the model sharded with `fully_shard`."""
+def prepare_model(model, w: World, stage=None):
+    """The policy ready for data-parallel training: ddp: rank 0's weights broadcast to all; fsdp2: the
+    decoder layers sharded with `fully_shard`, and `stage`'s optimizer (and schedule) rebuilt over the
+    sharded parameters with its state (as `stage.resume()` loaded it) sharded alike."""
     if not w.enabled:
         return model
     import torch.distributed as dist
@@ -312,7 +339,29 @@ def prepare_model(model, w: World):
             dist.broadcast(p.data, src=0)
     if w.sharded:
         shard_model(model)
+        if stage is not None:
+            _rebuild_optimizer(stage)
     return model
+
+
+def _rebuild_optimizer(stage) -> None:
+    from torch.distributed.tensor import distribute_tensor
+
+    old, old_schedule = stage.optimizer, stage.scheduler
+    params = [p for p in stage.policy.model.parameters() if p.requires_grad]
+    new = type(old)(params)  # hyper-parameters come with the state (load_state_dict)
+    state = old.state_dict()
+    for i, per_param in state["state"].items():
+        p = params[i]
+        for k, v in per_param.items():
+            if _is_dtensor(p) and isinstance(v, torch.Tensor) and v.shape == p.shape and v.dim() > 0:
+                per_param[k] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
+    new.load_state_dict(state)
+    schedule = torch.optim.lr_scheduler.LambdaLR(new, old_schedule.lr_lambdas[0])
+    schedule.load_state_dict(old_schedule.state_dict())
+    for g_new, g_old in zip(new.param_groups, old.param_groups):
+        g_new["lr"] = g_old["lr"]
+    stage.optimizer, stage.scheduler = new, schedule
 
 
 def shard_model(model) -> None:
@@ -375,35 +424,75 @@ def _buckets(params: list, numel: int) -> list[list]:
     return out
 
 
-# ----------------------------------------------------------------------------- checkpoints
+# ----------------------------------------------------------------------------- full (unsharded) state
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+def generation_weights(model, w: World) -> dict[str, Any]:
+    """The weights for the generation backend: `merged_state_dict` (ddp, single process), or the
+    sharded model's state gathered to full tensors (fsdp2; every rank must call it)."""
+    from tirl.models.loading import merged_state_dict
+
+    if not w.sharded:
+        return merged_state_dict(model)
+    return {k: _full(v).detach() for k, v in model.state_dict().items()}
 
 
 def full_model_state(model, w: World) -> dict[str, torch.Tensor]:
-    """Unsharded parameters (all ranks must call it under fsdp2; every rank gets the full tensors)."""
+    """Unsharded parameters by name (under fsdp2 every rank must call it and gets the full tensors)."""
+    return {n: _full(p).detach() for n, p in model.named_parameters()}
+
+
+class _FullModel:
+    """Full parameters under a model's names: what `CheckpointManager.save` reads of a model."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter]):
+        self._params = params
+
+    def named_parameters(self):
+        return iter(self._params.items())
+
+
+class _FullOptimizer:
+    def __init__(self, state: dict[str, Any]):
+        self._state = state
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._state
+
+
+def full_views(model, optimizer, w: World):
+    """`(model, optimizer)` as a checkpoint should see them: themselves, or under fsdp2 (collective) views
+    with full tensors in the single-process format, so that any world size loads the checkpoint."""
     if not w.sharded:
-        return {n: p.detach() for n, p in model.named_parameters()}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-
-
-def full_state(model, optimizer, w: World) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """`(trainable weights, optimizer state dict)`, unsharded, for a checkpoint any world size can load.
-    Under fsdp2 every rank must call it (collective); the result is complete on rank 0."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights, optim = get_state_dict(model, optimizer, options=opts)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {k: v for k, v in weights.items() if k in trainable}, optim
+        return model, optimizer
+    params = {n: torch.nn.Parameter(_full(p).detach(), requires_grad=p.requires_grad)
+              for n, p in model.named_parameters()}
+    state = optimizer.state_dict()
+    state = {**state, "state": {i: {k: _full(v) if isinstance(v, torch.Tensor) else v for k, v in st.items()}
+                                for i, st in state["state"].items()}}
+    return _FullModel(params), _FullOptimizer(state)
 
 
-def load_full_state(model, optimizer, weights: dict[str, torch.Tensor], optim: dict[str, Any] | None) -> None:
-    """Load unsharded `weights` (and an unsharded optimizer state) into a sharded model on every rank."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+def full_model(model, w: World):
+    """The model to save as a transformers directory: itself, or under fsdp2 (collective) an unsharded
+    copy on rank 0 (None on the others)."""
+    if not w.sharded:
+        return model
+    from transformers import AutoModelForCausalLM
 
-    opts = StateDictOptions(full_state_dict=True, strict=False)
-    set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optim or {}, options=opts)
+    from tirl.models.loading import base_model
+
+    weights = full_model_state(model, w)
+    if not w.is_main:
+        return None
+    plain = AutoModelForCausalLM.from_config(base_model(model).config)
+    plain.load_state_dict(weights, strict=False)
+    plain.tie_weights()
+    return plain
 
 
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float | None) -> float:

@@ -24,6 +24,7 @@ from tirl.models import loading
 from tirl.rewards.judge import close_judges
 from tirl.trainer.build import (build_reward, build_task, build_tools, load_policy, pick_device, preflight,
                                 setup_threads)
+from tirl.trainer import distributed
 from tirl.trainer.display import console
 from tirl.trainer.logging import MetricsLogger
 from tirl.trainer.rl import run_rl
@@ -41,7 +42,7 @@ def prepare_run_dir(cfg: Config) -> Path:
     if saved.exists():
         old = yaml.safe_load(saved.read_text())
         new = cfg.model_dump(mode="json")
-        diffs = _diff(old, new)
+        diffs = [d for d in _diff(old, new) if not d.startswith("distributed.")]  # any world size resumes
         if diffs:
             raise ResumeError(f"{run_dir} holds a run with a different config ({'; '.join(diffs[:5])}); "
                               "choose another run.dir / run.name, or delete that directory")
@@ -66,9 +67,11 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
 def run_pipeline(cfg: Config) -> dict[str, dict[str, Any]]:
     """Run the enabled stages; returns {eval name: summary}."""
     preflight(cfg)
-    console.rule("tirl train")
-    console.print(cfg.to_yaml(), markup=False)
-    run_dir = prepare_run_dir(cfg)
+    world = distributed.init(cfg)  # under torchrun: every rank runs the pipeline; rank 0 writes
+    if world.is_main:
+        console.rule("tirl train")
+        console.print(cfg.to_yaml(), markup=False)
+    run_dir = distributed.main_alone(world, lambda: prepare_run_dir(cfg)) or cfg.run_dir()
     setup_threads(cfg.run.threads)
     device = pick_device(cfg.run.device)
     task, reward_fn = build_task(cfg.task), None
@@ -78,13 +81,16 @@ def run_pipeline(cfg: Config) -> dict[str, dict[str, Any]]:
     finally:
         asyncio.run(tools.shutdown())
         close_judges()
+        distributed.teardown()
 
 
 def _run_stages(cfg: Config, run_dir: Path, device: str, task, tools: ToolSet) -> dict[str, dict[str, Any]]:
     reward_fn = build_reward(cfg.task, task)
     logger = MetricsLogger(run_dir, cfg.run.tensorboard)
     path = loading.materialize(loading.resolve(cfg.model.name))
-    _write_run_info(run_dir, cfg, path, device, tools)
+    world = distributed.world()
+    if world.is_main:
+        _write_run_info(run_dir, cfg, path, device, tools)
     results: dict[str, dict[str, Any]] = {}
     t0 = time.monotonic()
     p = cfg.pipeline
@@ -92,8 +98,10 @@ def _run_stages(cfg: Config, run_dir: Path, device: str, task, tools: ToolSet) -
         name = "base" if (p.sft or p.rl) else "eval"
         results.update(_evaluate(cfg, name, path, task, tools, reward_fn, run_dir, device))
     if p.sft:
-        path = _stage_model(run_dir / "models" / "sft", lambda: run_sft(
-            cfg, load_policy(cfg.model, device, path), task, tools, run_dir, logger))
+        sft_dir, base = run_dir / "models" / "sft", path
+        distributed.main_alone(world, lambda: _stage_model(sft_dir, lambda: run_sft(  # SFT: on rank 0 alone
+            cfg, load_policy(cfg.model, device, base), task, tools, run_dir, logger)))
+        path = str(sft_dir)
         if p.eval_after_sft:
             results.update(_evaluate(cfg, "sft", path, task, tools, reward_fn, run_dir, device, no_tools=False))
     if p.rl:
@@ -102,10 +110,11 @@ def _run_stages(cfg: Config, run_dir: Path, device: str, task, tools: ToolSet) -
         if p.eval_after:
             results.update(_evaluate(cfg, "final", path, task, tools, reward_fn, run_dir, device))
     logger.close()
-    _write_results(run_dir, results, time.monotonic() - t0)
-    from tirl.report.build import report_after_run  # after the results are saved: a failure loses nothing
+    if world.is_main:
+        _write_results(run_dir, results, time.monotonic() - t0)
+        from tirl.report.build import report_after_run  # after the results are saved: a failure loses nothing
 
-    report_after_run(run_dir)
+        report_after_run(run_dir)
     return results
 
 
@@ -118,7 +127,8 @@ def _evaluate(cfg: Config, name: str, path: str, task, tools, reward_fn, run_dir
     variants = [(name, True)]
     if cfg.eval.no_tools if no_tools is None else no_tools:
         variants.append((f"{name}_no_tools", False))
-    return evaluate_model(cfg, variants, path, task, tools, reward_fn, run_dir / "eval", device)
+    return distributed.main_alone(distributed.world(), lambda: evaluate_model(  # on rank 0 alone
+        cfg, variants, path, task, tools, reward_fn, run_dir / "eval", device)) or {}
 
 
 def _write_run_info(run_dir: Path, cfg: Config, path: str, device: str, tools: ToolSet) -> None:

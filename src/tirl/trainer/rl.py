@@ -19,7 +19,6 @@ from pathlib import Path
 
 from tirl.backends.base import SamplingParams
 from tirl.config import Config
-from tirl.models import loading
 from tirl.rewards.base import RewardFn
 from tirl.rollout.groups import RewardState, RolloutContext, RolloutSpec, StrategyOutput
 from tirl.rollout.step import build_strategy, rollout_step
@@ -28,6 +27,7 @@ from tirl.rollout.metrics import trajectory_metrics
 from tirl.tasks.base import Problem, Task
 from tirl.tools import ToolSet
 from tirl.trainer.build import EnvFactory, Policy, build_reference, critic_enabled, make_backend, turn_limits
+from tirl.trainer import distributed
 from tirl.trainer.critic import ValueHead, attach_to_stage, make_value_head, save_value_head
 from tirl.trainer.info_gain import with_information_gain
 from tirl.trainer.logging import MetricsLogger
@@ -52,7 +52,7 @@ def update_settings(cfg: Config, policy: Policy) -> UpdateSettings:
         entropy_coef=a.entropy_coef, epochs=a.epochs, minibatches=a.minibatches,
         micro_batch_size=cfg.rl.micro_batch_size or cfg.rollout.group_size, max_grad_norm=cfg.rl.optim.max_grad_norm,
         temperature=cfg.rollout.temperature or 1.0, compute_dtype=policy.compute_dtype,
-        critic_coef=a.critic.coef, critic_clip=a.critic.clip)
+        critic_coef=a.critic.coef, critic_clip=a.critic.clip, world=distributed.world())
 
 
 @dataclass
@@ -102,14 +102,19 @@ def train_on(learner: Learner, groups, step: int, cfg: Config, settings: UpdateS
 
 def run_rl(cfg: Config, policy: Policy, task: Task, tools: ToolSet, reward_fn: RewardFn, run_dir: Path,
            logger: MetricsLogger) -> Path:
-    """Train for `cfg.rl.steps` steps (resuming if checkpoints exist); returns the final model directory."""
+    """Train for `cfg.rl.steps` steps (resuming if checkpoints exist); returns the final model directory.
+    Under torch.distributed every rank runs this, each sampling its share of the step's problems
+    (module `distributed`)."""
+    world = distributed.world()
     stage = TrainingStage("rl", run_dir, policy, cfg.rl.optim, cfg.rl.steps, cfg.rl.save_every,
                           cfg.rl.keep_checkpoints, logger)
     learner = make_learner(cfg, policy, stage)
     state = stage.resume()
     traj_dir = run_dir / "trajectories" / "rl"
-    _drop_after(traj_dir, state["step"])
+    if world.is_main:
+        _drop_after(traj_dir, state["step"])
     backend = make_backend(policy, cfg) if not cfg.cluster.enabled else _start_rollout_pool(cfg, policy)
+    distributed.prepare_model(policy.model, world, stage)  # after resume: fsdp2 shards the restored weights
     make_env = EnvFactory(task, tools, cfg, policy.fmt)
     spec, settings = rollout_spec(cfg, policy), update_settings(cfg, policy)
     strategy = build_strategy(cfg) if not cfg.cluster.enabled else backend.strategy(cfg)
@@ -122,8 +127,9 @@ def run_rl(cfg: Config, policy: Policy, task: Task, tools: ToolSet, reward_fn: R
             snapshot = backend.metrics_snapshot()
             ctx = RolloutContext(make_env, backend, policy.fmt, _with_deadline(spec, cfg.rollout.step_timeout_s),
                                  reward_fn, step, cfg.run.seed, reward_state)
-            out = runner.run(rollout_step(strategy, data.take, cfg.rollout.prompts_per_step, ctx,
-                                          cfg.rollout.dynamic_sampling))
+            take, prompts, ctx = distributed.shard_rollout(data.take, cfg.rollout.prompts_per_step, ctx, world)
+            out = runner.run(rollout_step(strategy, take, prompts, ctx, cfg.rollout.dynamic_sampling))
+            out = distributed.gather_output(out, step, cfg.rollout.prompts_per_step, world)
             if cfg.algorithm.info_gain.enabled and out.groups:
                 out.groups, gain = with_information_gain(
                     policy.model, out.groups, lambda task_id: task.final_answer_text(data.problem(task_id)),
@@ -132,20 +138,20 @@ def run_rl(cfg: Config, policy: Policy, task: Task, tools: ToolSet, reward_fn: R
                 out.metrics.update(gain)
             t1 = time.monotonic()
             metrics = train_on(learner, out.groups, step, cfg, settings) if out.groups else {"train/skipped": 1.0}
-            backend.update_weights(loading.merged_state_dict(policy.model))
+            backend.update_weights(distributed.generation_weights(policy.model, world))
             t2 = time.monotonic()
             metrics.update(trajectory_metrics(out.trajectories))
             metrics.update(out.metrics)
-            gen = backend.metrics_since(snapshot)
+            gen = distributed.sum_generation_metrics(backend.metrics_since(snapshot), world)
             metrics.update(gen)
             metrics.update({"time/rollout_s": t1 - t0, "time/update_s": t2 - t1,
                             "speed/tokens_per_s": gen.get("gen/tokens", 0.0) / (t1 - t0)})
-            if cfg.rl.save_trajectories:
+            if cfg.rl.save_trajectories and world.is_main:
                 _save(traj_dir, step, out)
             stage.step_done(step + 1, metrics, {"cursor": data.cursor, "reward_state": reward_state.data,
                                                 "strategy": strategy.state_dict()})
     backend.close()
-    if learner.critic is not None:
+    if learner.critic is not None and world.is_main:
         save_value_head(learner.critic, run_dir / "models" / "final.value_head.safetensors")
     return stage.finish(run_dir / "models" / "final")
 

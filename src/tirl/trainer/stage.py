@@ -11,6 +11,7 @@ from typing import Any
 from tirl.config import OptimConfig
 from tirl.models.loading import save_model
 from tirl.trainer.build import Policy
+from tirl.trainer import distributed
 from tirl.trainer.checkpoint import CheckpointManager
 from tirl.trainer.display import StepDisplay
 from tirl.trainer.logging import MetricsLogger
@@ -40,8 +41,9 @@ class TrainingStage:
         state: dict[str, Any] = {"step": 0}
         if latest is not None:
             state = self.ckpt.load(latest, self.policy.model, self.optimizer, self.scheduler)
-        self.logger.truncate(self.name, state["step"])
-        self.display = StepDisplay(self.name, self.total_steps, state["step"])
+        if distributed.world().is_main:  # under torch.distributed, rank 0 alone logs and saves
+            self.logger.truncate(self.name, state["step"])
+            self.display = StepDisplay(self.name, self.total_steps, state["step"])
         self._t = time.monotonic()
         return state
 
@@ -52,20 +54,28 @@ class TrainingStage:
         metrics = {**metrics, "train/lr": self.scheduler.get_last_lr()[0], "time/step_s": now - self._t}
         self.scheduler.step()
         self._t = now
-        self.logger.log(self.name, step, metrics)
+        world = distributed.world()
+        if world.is_main:
+            self.logger.log(self.name, step, metrics)
         if self.display is not None:
             self.display.update(step, metrics)
         if step % self.save_every == 0 or step == self.total_steps:
-            self.ckpt.save(step, self.policy.model, self.optimizer, self.scheduler, state)
+            model, optimizer = distributed.full_views(self.policy.model, self.optimizer, world)  # fsdp2: gathered
+            distributed.main_first(world, lambda: self.ckpt.save(step, model, optimizer, self.scheduler, state))
 
     def finish(self, out_dir: Path) -> Path:
         """Save the trained model as a transformers directory and drop the training checkpoints."""
         if self.display is not None:
             self.display.close()
+        world = distributed.world()
+        model = distributed.full_model(self.policy.model, world)  # fsdp2: gathered (on rank 0)
+        distributed.main_first(world, lambda: self._save_final(model, out_dir))
+        return out_dir
+
+    def _save_final(self, model, out_dir: Path) -> None:
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        save_model(self.policy.model, self.policy.tokenizer, self.policy.fmt.template, tmp)
+        save_model(model, self.policy.tokenizer, self.policy.fmt.template, tmp)
         shutil.rmtree(out_dir, ignore_errors=True)
         tmp.rename(out_dir)
         self.ckpt.remove_all()
-        return out_dir
