@@ -51,6 +51,8 @@ def test_config_built_workers_sample_like_the_local_backend_with_pushed_weights(
     pool = RolloutPool(start_rollout_workers(build, 2, num_cpus=0.5), keep=[build])
     try:
         wait_ready(pool.actors, "rollout workers")
+        pool.weight_dtypes = local_ray.get(pool.actors[0].weight_dtypes.remote())  # published in these dtypes
+        assert set(pool.weight_dtypes.values()) == {policy.compute_dtype}
         pool.update_weights(loading.merged_state_dict(policy.model))
         remote = _run(RayFlat(pool), problems, parts, pool, step=2)
     finally:

@@ -41,9 +41,12 @@ class RolloutPool:
     """Rollout worker actors, the current weights version, and counters (see the module docstring)."""
 
     def __init__(self, actors: Sequence[Any], *, max_reissues: int = 3, tool_actors: Sequence[Any] = (),
-                 owns_ray: bool = False, keep: Sequence[Any] = ()):
-        """`keep`: objects the workers were built from (held so that Ray can restart them)."""
+                 owns_ray: bool = False, keep: Sequence[Any] = (), weight_dtypes: dict[str, Any] | None = None):
+        """`keep`: objects the workers were built from (held so that Ray can restart them); `weight_dtypes`:
+        the dtype of each weight in the workers' generation models: floating-point weights are cast to it
+        before they are published (fewer bytes; the same values the workers' backends would cast them to)."""
         self.actors = list(actors)
+        self.weight_dtypes = dict(weight_dtypes or {})
         self.keep = list(keep)
         self.tool_actors = list(tool_actors)
         self.max_reissues = max_reissues
@@ -58,7 +61,8 @@ class RolloutPool:
         """Publish `state_dict` as the next weights version (the workers load it before their next group)."""
         import ray
 
-        state = {k: v.detach().to("cpu") for k, v in state_dict.items()}
+        state = {k: v.detach().to("cpu", dtype=self.weight_dtypes.get(k, v.dtype) if v.is_floating_point() else v.dtype)
+                 for k, v in state_dict.items()}
         version = 0 if self.weights is None else self.weights.version + 1
         self.weights = Weights(version, ray.put(state))
 
@@ -114,6 +118,8 @@ class RolloutPool:
             heartbeat.cancel()
             for t in tasks:
                 t.cancel()
+            for k in range(len(self.actors)):
+                progress.states.pop(("worker", k), None)
         return [results[job.index] for job in jobs]
 
     async def _run_job(self, job: GroupJob, worker: int, deadline: float | None, results: dict[int, GroupResult],
@@ -241,7 +247,8 @@ def pool_from_config(cfg: Config, policy, task=None) -> RolloutPool:
                                    num_gpus=c.rollout_num_gpus, resources=c.rollout_resources,
                                    max_restarts=c.max_restarts)
     wait_ready(actors, "rollout workers")
-    pool = RolloutPool(actors, max_reissues=c.max_reissues, tool_actors=tool_actors, owns_ray=owns_ray, keep=keep)
+    pool = RolloutPool(actors, max_reissues=c.max_reissues, tool_actors=tool_actors, owns_ray=owns_ray, keep=keep,
+                       weight_dtypes=ray.get(actors[0].weight_dtypes.remote()))
     pool.update_weights(loading.merged_state_dict(policy.model))
     return pool
 

@@ -92,6 +92,13 @@ class RolloutWorker:
     def pid(self) -> int:
         return os.getpid()
 
+    def weight_dtypes(self) -> dict[str, Any]:
+        """{weight name: dtype} of the backend's generation model (empty for a backend without one)."""
+        model = getattr(self.parts.backend, "model", None)
+        if model is None or not hasattr(model, "state_dict"):
+            return {}
+        return {k: v.dtype for k, v in model.state_dict().items()}
+
     def status(self) -> tuple[int, float]:
         """(groups in flight, seconds since a trajectory here last made progress)."""
         return self.active, time.monotonic() - self.progress.last
