@@ -17,7 +17,8 @@ def script(request, turn, bias=0):
     """Turn 0 calls the calculator on a number drawn from the request's seed; turn 1 answers with the
     seed's residue and the backend's weights version, so outputs depend on seeds and weights."""
     if turn == 0:
-        return f'<tool_call>{{"name": "calculator", "arguments": {{"expression": "{request.seed % 1000} + 1"}}}}</tool_call>'
+        expression = f"{request.seed % 1000} + 1"
+        return f'<tool_call>{{"name": "calculator", "arguments": {{"expression": "{expression}"}}}}</tool_call>'
     return f"<answer>{request.seed % 7}</answer> w{bias}<|im_end|>"
 
 

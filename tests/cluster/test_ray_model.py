@@ -16,7 +16,8 @@ from tirl.cluster.workers import FromConfig  # noqa: E402
 from tirl.config import load_config  # noqa: E402
 from tirl.models import loading  # noqa: E402
 from tirl.rollout.groups import Flat, RolloutContext, run_strategy  # noqa: E402
-from tirl.trainer.build import EnvFactory, build_reward, build_task, build_tools, load_policy, make_backend  # noqa: E402
+from tirl.trainer.build import (EnvFactory, build_reward, build_task, build_tools, load_policy,  # noqa: E402
+                                make_backend)
 from tirl.trainer.rl import rollout_spec  # noqa: E402
 
 

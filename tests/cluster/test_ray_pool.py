@@ -17,7 +17,8 @@ import torch  # noqa: E402
 
 from tests.cluster import helpers  # noqa: E402
 from tirl.cluster import check_config, require_ray  # noqa: E402
-from tirl.cluster.ray_pool import RayFlat, RolloutPool, _check_resources, start_rollout_workers, wait_ready  # noqa: E402
+from tirl.cluster.ray_pool import (RayFlat, RolloutPool, _check_resources, start_rollout_workers,  # noqa: E402
+                                   wait_ready)
 from tirl.cluster.workers import GroupJob, GroupResult  # noqa: E402
 from tirl.config import Config, load_config  # noqa: E402
 from tirl.errors import ConfigError  # noqa: E402
@@ -62,7 +63,8 @@ def _on_pool(pool, fmt, **kw):
 
 def _content(out):
     """What a step trains on and records (turn timings left out)."""
-    return [(g.group_id, g.task_id, [(t.meta.group_id, t.meta.sample_index, t.prompt_ids, t.response_ids, t.loss_mask, t.logprobs,
+    return [(g.group_id, g.task_id, [(t.meta.group_id, t.meta.sample_index, t.prompt_ids, t.response_ids,
+                                      t.loss_mask, t.logprobs,
                                       t.final_answer, t.reward, t.stop_reason, [r.content for r in t.tool_results])
                                      for t in g.trajectories]) for g in out.groups]
 

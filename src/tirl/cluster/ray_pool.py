@@ -198,7 +198,8 @@ class RayFlat(Stateless):
 def start_rollout_workers(build: WorkerBuild, count: int, *, num_cpus: float = 1.0, num_gpus: float = 0.0,
                           resources: dict[str, float] | None = None, max_restarts: int = 3) -> list[Any]:
     """`count` rollout worker actors running `build()` (or the build an object ref holds), restarted by Ray
-    up to `max_restarts` times (Ray must be initialised; keep a `build` ref alive while they run). Calls lost with a dead worker are not retried by Ray: the pool re-issues."""
+    up to `max_restarts` times (Ray must be initialised; keep a `build` ref alive while they run). Calls lost
+    with a dead worker are not retried by Ray: the pool re-issues them."""
     import ray
 
     cls = ray.remote(RolloutWorker)
