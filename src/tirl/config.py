@@ -449,7 +449,9 @@ class DistributedConfig(_Section):
         "fine-tuning only); "
         "auto: ddp when launched by torchrun (WORLD_SIZE set), else none."))
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl on CUDA, gloo on CPU.")
-    timeout_s: float = Field(1800.0, gt=0, description="Seconds a collective may wait for the other ranks.")
+    timeout_s: float = Field(3600.0, gt=0, description=(
+        "Seconds a collective may wait for the other ranks; it also bounds how long they wait while rank 0 "
+        "evaluates alone, so keep it above an evaluation's duration."))
 
 
 class PipelineConfig(_Section):

@@ -59,10 +59,15 @@ def _settings(max_grad_norm: float | None, world: World = World()) -> UpdateSett
     return UpdateSettings(max_grad_norm=max_grad_norm, micro_batch_size=1, world=world)
 
 
-def _model(model_dir):
+def _model(model_dir, lora: bool = False):
+    """The tiny model, with LoRA adapters (seeded: every process makes the same ones) when `lora`."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    from tirl.models.loading import apply_lora
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    torch.manual_seed(0)
+    return apply_lora(model, 4, 8, 0.0, "all-linear") if lora else model
 
 
 def _updated(model, batch: Batch, s: UpdateSettings) -> dict[str, torch.Tensor]:
@@ -81,13 +86,13 @@ def _rows(batch: Batch, rows: list[int]) -> Batch:
 # ----------------------------------------------------------------------------- the ranks' program
 
 
-def _rank_update(model_dir: str, out: str, strategy: str, max_grad_norm: str) -> None:
+def _rank_update(model_dir: str, out: str, strategy: str, max_grad_norm: str, lora: str) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo")
     world = World(strategy, dist.get_rank(), dist.get_world_size())
     distributed.use(world)
-    model = distributed.prepare_model(_model(model_dir), world)
+    model = distributed.prepare_model(_model(model_dir, lora == "lora"), world)
     s = _settings(float(max_grad_norm) or None, world)
     metrics = rl_update(model, torch.optim.SGD(model.parameters(), lr=LR), advantages_for(_groups(), s), s)
     state = {n: v.detach().clone() for n, v in distributed.full_model_state(model, world).items()}
@@ -117,26 +122,27 @@ def _torchrun(args: list[str], cwd: Path | None = None, timeout: float = 240) ->
 # ----------------------------------------------------------------------------- tests
 
 
-@pytest.mark.parametrize("max_grad_norm", [None, CLIP])
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_two_rank_update_equals_single_process(tiny_model_dir, tmp_path, strategy, max_grad_norm):
+@pytest.mark.parametrize("strategy, max_grad_norm, lora", [
+    ("ddp", None, False), ("ddp", CLIP, False), ("ddp", CLIP, True), ("fsdp2", None, False), ("fsdp2", CLIP, False)])
+def test_two_rank_update_equals_single_process(tiny_model_dir, tmp_path, strategy, max_grad_norm, lora):
     """Exact: the ranks' summed gradients are the single-process gradient (token mean over the global
     batch, global clipping norm). The naive mean of the ranks' own updates (each normalised by its own
     tokens, clipped by its own norm) is far off, so the comparison can fail."""
     groups = _groups()
     s = _settings(max_grad_norm)
     batch = advantages_for(groups, s)
-    reference = _updated(_model(tiny_model_dir), batch, s)
+    reference = _updated(_model(tiny_model_dir, lora), batch, s)
     rows = list(range(len(batch.trajs)))
     shares = [rows[slice(*share_bounds(len(rows), r, 2))] for r in range(2)]
     assert [int(batch.mask[sh].sum()) for sh in shares] == [10, 34]
-    per_rank = [_updated(_model(tiny_model_dir), _rows(batch, sh), s) for sh in shares]
+    per_rank = [_updated(_model(tiny_model_dir, lora), _rows(batch, sh), s) for sh in shares]
     naive = {n: (per_rank[0][n] + per_rank[1][n]) / 2 for n in reference}
 
     out = tmp_path / "params.pt"
-    _torchrun([__file__, "update", str(tiny_model_dir), str(out), strategy, str(max_grad_norm or 0)])
+    _torchrun([__file__, "update", str(tiny_model_dir), str(out), strategy, str(max_grad_norm or 0),
+               "lora" if lora else "full"])
     got = torch.load(out)["params"]
-    start = _model(tiny_model_dir).state_dict()
+    start = dict(_model(tiny_model_dir, lora).named_parameters())
 
     def max_diff(a, b):
         return max(float((a[n] - b[n]).abs().max()) for n in reference)
@@ -235,6 +241,39 @@ def test_run_resumes_at_another_world_size(tiny_model_dir, tmp_path, straight_ru
     assert max(float((a - b).abs().max()) for a, b in zip(final.parameters(), want_final.parameters())) < 1e-6
 
 
+def _sft_args(model_dir: Path) -> list[str]:
+    return ["-m", "tirl.cli", "train", f"model.name={model_dir}", "pipeline.eval_before=false", "pipeline.rl=false",
+            "pipeline.eval_after_sft=false", "pipeline.eval_after=false", "sft.examples=12", "sft.batch_size=4",
+            "sft.micro_batch_size=1", "sft.save_every=1", "run.tensorboard=false", "run.seed=3"]
+
+
+@pytest.fixture(scope="module")
+def single_process_sft(tiny_model_dir, tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("sft")
+    subprocess.run([sys.executable, *_sft_args(tiny_model_dir)], cwd=tmp, env=_env(tmp), check=True,
+                   capture_output=True, timeout=300)
+    return tmp / "runs" / "default"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_rank_sft_equals_single_process(tiny_model_dir, tmp_path, single_process_sft, strategy):
+    """The SFT cold start under torchrun (each rank its share of every batch, the batch's token count as
+    the normaliser) logs the single-process metrics and saves the single-process model."""
+    proc = subprocess.run([*_launcher(2), *_sft_args(tiny_model_dir), f"distributed.strategy={strategy}"],
+                          cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = tmp_path / "runs" / "default"
+    lines = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    got, want = lines(run), lines(single_process_sft)
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 2, 3]
+    for g, w in zip(got, want):
+        for k, rel in (("train/loss", 1e-5), ("train/nll", 1e-5), ("train/tokens", 0), ("train/grad_norm", 1e-4)):
+            assert g[k] == pytest.approx(w[k], rel=rel), k  # the norm: float32 sums of shards in another order
+    final, want_final = _model(run / "models" / "sft"), _model(single_process_sft / "models" / "sft")
+    assert max(float((a - b).abs().max()) for a, b in zip(final.parameters(), want_final.parameters())) < 1e-6
+
+
 @pytest.mark.parametrize("overrides, key", [
     (["distributed.strategy=ddp"], "WORLD_SIZE"),
     (["distributed.strategy=fsdp2"], "WORLD_SIZE"),
@@ -277,6 +316,6 @@ def test_shares_cover_in_order():
 
 if __name__ == "__main__":
     if sys.argv[1] == "update":
-        _rank_update(*sys.argv[2:6])
+        _rank_update(*sys.argv[2:7])
     else:
         raise SystemExit(f"unknown mode {sys.argv[1]!r}")

@@ -357,6 +357,8 @@ def _rebuild_optimizer(stage) -> None:
             if _is_dtensor(p) and isinstance(v, torch.Tensor) and v.shape == p.shape and v.dim() > 0:
                 per_param[k] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
     new.load_state_dict(state)
+    for group in new.param_groups:  # sharded and replicated tensors in one group: no foreach kernels (CUDA)
+        group["foreach"] = False
     schedule = torch.optim.lr_scheduler.LambdaLR(new, old_schedule.lr_lambdas[0])
     schedule.load_state_dict(old_schedule.state_dict())
     for g_new, g_old in zip(new.param_groups, old.param_groups):
@@ -396,7 +398,7 @@ def sync_gradients(modules: Iterable, w: World, bucket_numel: int = 1 << 25) -> 
               if p.requires_grad and not _is_dtensor(p)]
     if not params:
         return
-    has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32)
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
     dist.all_reduce(has, op=dist.ReduceOp.MAX)
     params = [p for p, h in zip(params, has.tolist()) if h]
     for bucket in _buckets(params, bucket_numel):
@@ -472,8 +474,9 @@ def full_views(model, optimizer, w: World):
     params = {n: torch.nn.Parameter(_full(p).detach(), requires_grad=p.requires_grad)
               for n, p in model.named_parameters()}
     state = optimizer.state_dict()
-    state = {**state, "state": {i: {k: _full(v) if isinstance(v, torch.Tensor) else v for k, v in st.items()}
-                                for i, st in state["state"].items()}}
+    state = {"state": {i: {k: _full(v) if isinstance(v, torch.Tensor) else v for k, v in st.items()}
+                       for i, st in state["state"].items()},
+             "param_groups": [{**g, "foreach": None} for g in state["param_groups"]]}  # see _rebuild_optimizer
     return _FullModel(params), _FullOptimizer(state)
 
 
@@ -500,13 +503,14 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float | None) -> float:
     of the global gradient (shards' squares summed over the ranks, replicated ones counted once)."""
     import torch.distributed as dist
 
-    sharded = torch.zeros(())
-    replicated = torch.zeros(())
+    device = params[0].device if params else torch.device("cuda" if dist.get_backend() == "nccl" else "cpu")
+    sharded = torch.zeros((), device=device)  # on the device the backend reduces (nccl: CUDA)
+    replicated = torch.zeros((), device=device)
     for p in params:
         if _is_dtensor(p.grad):
-            sharded += p.grad.to_local().float().pow(2).sum().cpu()
+            sharded += p.grad.to_local().float().pow(2).sum().to(device)
         else:
-            replicated += p.grad.float().pow(2).sum().cpu()
+            replicated += p.grad.float().pow(2).sum().to(device)
     dist.all_reduce(sharded)
     total = float((sharded + replicated).sqrt())
     if max_norm:

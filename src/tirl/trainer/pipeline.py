@@ -98,10 +98,8 @@ def _run_stages(cfg: Config, run_dir: Path, device: str, task, tools: ToolSet) -
         name = "base" if (p.sft or p.rl) else "eval"
         results.update(_evaluate(cfg, name, path, task, tools, reward_fn, run_dir, device))
     if p.sft:
-        sft_dir, base = run_dir / "models" / "sft", path
-        distributed.main_alone(world, lambda: _stage_model(sft_dir, lambda: run_sft(  # SFT: on rank 0 alone
-            cfg, load_policy(cfg.model, device, base), task, tools, run_dir, logger)))
-        path = str(sft_dir)
+        path = _stage_model(run_dir / "models" / "sft", lambda: run_sft(  # data-parallel like RL
+            cfg, load_policy(cfg.model, device, path), task, tools, run_dir, logger))
         if p.eval_after_sft:
             results.update(_evaluate(cfg, "sft", path, task, tools, reward_fn, run_dir, device, no_tools=False))
     if p.rl:

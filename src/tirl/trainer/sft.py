@@ -31,6 +31,7 @@ from tirl.config import Config, SFTConfig
 from tirl.errors import ResumeError
 from tirl.tasks.base import Problem, Task
 from tirl.tools import ToolSet
+from tirl.trainer import distributed
 from tirl.trainer.build import Policy
 from tirl.trainer.display import console
 from tirl.trainer.forward import response_logprobs
@@ -98,17 +99,28 @@ def chunk_loss(policy: Policy, chunk: list[SFTExample], total_weight: float) -> 
 
 
 def sft_loss_step(policy: Policy, optimizer, batch: list[SFTExample], micro: int, max_grad_norm) -> dict:
-    """One optimizer step of the weighted token-mean NLL (module docstring) over the trained tokens of `batch`."""
+    """One optimizer step of the weighted token-mean NLL (module docstring) over the trained tokens of `batch`.
+    Under torch.distributed each rank runs its share of `batch` with the whole batch's normaliser and the
+    gradients are summed (module `distributed`), which gives the single-process step."""
+    world = distributed.world()
     total_weight = float(sum(sum(e.weights) for e in batch))
     tokens = float(sum(sum(e.loss_mask) for e in batch))
     loss_sum, nll_sum = 0.0, 0.0
-    for i in range(0, len(batch), micro):
-        loss, nll = chunk_loss(policy, batch[i:i + micro], total_weight)
-        loss.backward()
+    mine = world.share(batch)
+    chunks = [mine[i:i + micro] for i in range(0, len(mine), micro)]
+    for chunk in chunks:
+        loss, nll = chunk_loss(policy, chunk, total_weight)
+        (loss * world.loss_scale if world.sharded else loss).backward()
         loss_sum += float(loss.detach())
         nll_sum += nll
+    if world.enabled:
+        for _ in range(distributed.max_over_ranks(len(chunks), world) - len(chunks) if world.sharded else 0):
+            (chunk_loss(policy, batch[:1], total_weight)[0] * 0.0).backward()  # fsdp2: same collectives
+        distributed.sync_gradients([policy.model], world)
+        loss_sum, nll_sum = distributed.sum_over_ranks({"loss": loss_sum, "nll": nll_sum}, world).values()
     params = [p for p in policy.model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
+    norm = (distributed.clip_grad_norm(params, max_grad_norm) if world.sharded
+            else torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf")))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return {"train/loss": loss_sum, "train/nll": nll_sum / tokens, "train/tokens": tokens,
@@ -123,7 +135,9 @@ def run_sft(cfg: Config, policy: Policy, task: Task, tools: ToolSet, run_dir: Pa
     stage = TrainingStage("sft", run_dir, policy, s.optim, per_epoch * s.epochs, s.save_every,
                           s.keep_checkpoints, logger)
     state = stage.resume()
-    _record_data(run_dir / "sft_data.json", summary, resuming=state["step"] > 0)
+    distributed.prepare_model(policy.model, distributed.world(), stage)
+    if distributed.world().is_main:
+        _record_data(run_dir / "sft_data.json", summary, resuming=state["step"] > 0)
     for step in range(state["step"], stage.total_steps):
         epoch, k = divmod(step, per_epoch)
         order = list(range(len(data)))
