@@ -186,7 +186,8 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
 
 def _env(tmp_path: Path) -> dict[str, str]:
     (tmp_path / "dist_reward.py").write_text(REWARD)
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    path = f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
 
 
 def _launcher(ranks: int) -> list[str]:
@@ -295,6 +296,8 @@ def test_auto_resolves_by_launch():
     (["rollout.prompts_per_step=3"], "rollout.prompts_per_step"),
     (["rollout.prompts_per_step=4", "rollout.dynamic_sampling.enabled=true"], "rollout.dynamic_sampling.enabled"),
     (["rollout.prompts_per_step=4", "distributed.strategy=fsdp2", "model.lora.enabled=true"], "model.lora.enabled"),
+    (["rollout.prompts_per_step=4", "distributed.strategy=fsdp2", "algorithm.advantage=gae"], "algorithm.critic"),
+    (["rollout.prompts_per_step=4", "rollout.strategy=fission"], "rollout.strategy"),
 ])
 def test_unsupported_or_indivisible_is_a_config_error(overrides, key):
     cfg = load_config(None, ["distributed.strategy=ddp", *overrides])

@@ -23,6 +23,11 @@ The contract, per RL step, with W ranks:
    (ddp: every rank holds it; fsdp2: `clip_grad_norm` sums the shards' squares over the ranks).
 4. Rank 0 alone writes metrics, trajectories, checkpoints (full, unsharded weights and optimizer state,
    so a run saved at one W resumes at any other), reports and evaluations; the others wait at barriers.
+
+The SFT cold start (`sft.py`) is data-parallel the same way: every rank builds the same batches, runs
+its share of each with the whole batch's weight as the normaliser, and the gradients are summed.
+Not supported (a `ConfigError` naming the key): dynamic sampling, the fission strategy and Ray rollout
+workers with any strategy; LoRA, a critic, replay and information gain with fsdp2.
 """
 
 from __future__ import annotations
@@ -121,9 +126,12 @@ def check_config(cfg, strategy: str, size: int) -> None:
     if getattr(getattr(cfg, "cluster", None), "enabled", False):
         raise ConfigError(f"cluster.enabled=true cannot be combined with distributed.strategy={strategy}")
     if strategy == "fsdp2":
-        off = [("model.lora.enabled", cfg.model.lora.enabled), ("algorithm.replay.enabled", cfg.algorithm.replay.enabled),
+        from tirl.trainer.build import critic_enabled
+
+        off = [("model.lora.enabled", cfg.model.lora.enabled),
+               ("algorithm.replay.enabled", cfg.algorithm.replay.enabled),
                ("algorithm.info_gain.enabled", cfg.algorithm.info_gain.enabled),
-               ("algorithm.critic (a value-based advantage)", cfg.algorithm.advantage in ("gae", "ppo"))]
+               ("algorithm.critic.enabled (a value head)", critic_enabled(cfg))]
         for key, on in off:
             if on:
                 raise ConfigError(f"{key} is not supported with distributed.strategy=fsdp2 (use ddp)")
