@@ -367,6 +367,7 @@ class HFEngine:
         Vectorised over rows; each row draws its uniform number from its own generator (inverse-CDF
         sampling), so a row's token does not depend on the other rows.
         """
+        logits = logits.to("cpu", torch.float32)  # sampled on the CPU wherever the model runs: same draws, one device
         temps = torch.tensor([max(r.request.sampling.temperature, 0.0) for r in rows], dtype=logits.dtype)
         greedy = temps <= 0
         logp = torch.log_softmax(logits / torch.where(greedy, torch.ones_like(temps), temps).unsqueeze(1), dim=-1)
