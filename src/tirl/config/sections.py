@@ -1,26 +1,13 @@
-"""Typed configuration: every default of tirl lives here.
-
-A recipe (YAML) and `key.sub=value` command-line overrides only change these defaults. Unknown keys
-and bad values are errors that name the key (`ConfigError`), raised before any work starts.
-`tirl train` with no recipe runs `Config()`: the embedded default (eval -> SFT -> eval -> GRPO -> eval
-on the arithmetic task with SmolLM2-135M-Instruct).
-"""
+"""The training sections of the config: run, model, task, rollout, algorithm, RL, SFT, evaluation."""
 
 from __future__ import annotations
 
-import difflib
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from tirl.errors import ConfigError
+from tirl.config.base import _Section
 from tirl.models.embedded import DEFAULT_MODEL
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class RunConfig(_Section):
@@ -156,37 +143,6 @@ class RolloutConfig(_Section):
     fission: FissionConfig = FissionConfig()
     entropy_branch: EntropyBranchConfig = EntropyBranchConfig()
     dynamic_sampling: DynamicSamplingConfig = DynamicSamplingConfig()
-
-
-class OpenAIBackendConfig(_Section):
-    base_url: str = Field("http://127.0.0.1:8000/v1", description="The server's OpenAI-compatible /v1 URL.")
-    model: str | None = Field(None, description="Model name the server knows (default: the one model it serves, "
-                                                 "from GET /models).")
-    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key (may be unset).")
-    endpoint: Literal["auto", "completions", "chat"] = Field(
-        "auto", description="completions: token ids in and out (exact; needed for training); chat: chat "
-                            "completions (text; evaluation only); auto: completions where the server allows.")
-    max_concurrency: int = Field(64, ge=1, description="Requests in flight at once.")
-    request_timeout_s: float = Field(600.0, gt=0, description="Seconds per request.")
-    max_retries: int = Field(3, ge=0, description="Retries of connection errors and 429/5xx answers.")
-
-
-class VLLMBackendConfig(_Section):
-    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="Share of GPU memory vLLM may take.")
-    tensor_parallel_size: int = Field(1, ge=1)
-    max_num_seqs: int = Field(256, ge=1, description="Sequences vLLM schedules at once.")
-    enforce_eager: bool = Field(False, description="Disable CUDA graphs (slower; faster start).")
-    kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vllm.LLM(...) arguments.")
-
-
-class BackendConfig(_Section):
-    name: Literal["hf", "vllm", "openai"] = Field("hf", description="Who generates: hf (in-process transformers), "
-                                                  "vllm (in-process engine, GPU), openai (an OpenAI-compatible server).")
-    scheduling: Literal["async", "sync"] = Field(
-        "async", description="hf: async lets each trajectory's turn join the running generation batch as soon as "
-                             "it is ready; sync waits for every trajectory of the batch (batch-synchronous).")
-    openai: OpenAIBackendConfig = OpenAIBackendConfig()
-    vllm: VLLMBackendConfig = VLLMBackendConfig()
 
 
 class CriticConfig(_Section):
@@ -409,190 +365,9 @@ class EvalConfig(_Section):
         return self
 
 
-class ClusterConfig(_Section):
-    """RL rollouts on Ray actors (`pip install 'tirl[ray]'`); off: everything runs in this process."""
-
-    enabled: bool = Field(False, description="Run RL rollouts on Ray rollout workers (and tools on tool workers).")
-    address: str | None = Field(None, description="null: start a local Ray; 'auto': join the cluster this "
-                                                   "machine is part of; 'ray://host:port' or 'host:port': connect.")
-    rollout_workers: int = Field(2, ge=1, description="Rollout actors, each with its own generation backend.")
-    tool_workers: int = Field(0, ge=0, description="Tool actors running the tools (0: tools run inside the "
-                                                   "rollout workers).")
-    rollout_num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per rollout worker.")
-    rollout_num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per rollout worker.")
-    tool_num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per tool worker (tool workers get no GPU).")
-    rollout_resources: dict[str, float] = Field(default_factory=dict, description=(
-        "Custom Ray resources per rollout worker (e.g. {gen_node: 1}: only nodes started with that resource)."))
-    tool_resources: dict[str, float] = Field(default_factory=dict, description=(
-        "Custom Ray resources per tool worker (e.g. {tool_node: 1}), keeping tools off the GPU nodes."))
-    max_restarts: int = Field(3, ge=0, description="Times Ray restarts a worker whose process died.")
-    max_reissues: int = Field(3, ge=0, description="Times one problem's group is re-issued after its worker died.")
-    object_store_mb: int | None = Field(None, ge=80, description="Object store size of a locally started Ray "
-                                                                 "(null: Ray's default).")
-
-    @model_validator(mode="after")
-    def _check_address(self) -> ClusterConfig:
-        import re
-        a = self.address
-        if a is not None and a != "auto" and not re.fullmatch(r"(ray://)?[A-Za-z0-9_.\-\[\]:]+:\d{1,5}", a):
-            raise ValueError(f"cluster.address={a!r} is not null, 'auto', 'ray://host:port' or 'host:port'")
-        return self
-
-
-class DistributedConfig(_Section):
-    """Data-parallel training under torch.distributed, launched by `torchrun --nproc-per-node N -m tirl.cli
-    train recipe.yaml` (see `tirl.trainer.distributed`)."""
-
-    strategy: Literal["none", "auto", "ddp", "fsdp2"] = Field("none", description=(
-        "none: one process; ddp: every rank holds the whole model, gradients are summed across ranks; "
-        "fsdp2: the decoder layers' weights, gradients and optimizer state sharded across ranks (full "
-        "fine-tuning only); "
-        "auto: ddp when launched by torchrun (WORLD_SIZE set), else none."))
-    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl on CUDA, gloo on CPU.")
-    timeout_s: float = Field(3600.0, gt=0, description=(
-        "Seconds a collective may wait for the other ranks; it also bounds how long they wait while rank 0 "
-        "evaluates alone, so keep it above an evaluation's duration."))
-
-
 class PipelineConfig(_Section):
     eval_before: bool = Field(True, description="Evaluate the starting model.")
     sft: bool = Field(True, description="SFT cold start.")
     eval_after_sft: bool = True
     rl: bool = Field(True, description="RL (GRPO by default).")
     eval_after: bool = True
-
-
-class Config(_Section):
-    run: RunConfig = RunConfig()
-    model: ModelConfig = ModelConfig()
-    task: TaskConfig = TaskConfig()
-    rollout: RolloutConfig = RolloutConfig()
-    backend: BackendConfig = BackendConfig()
-    algorithm: AlgorithmConfig = AlgorithmConfig()
-    rl: RLConfig = RLConfig()
-    sft: SFTConfig = SFTConfig()
-    eval: EvalConfig = EvalConfig()
-    pipeline: PipelineConfig = PipelineConfig()
-    cluster: ClusterConfig = ClusterConfig()
-    distributed: DistributedConfig = DistributedConfig()
-    tools: dict[str, dict[str, Any]] = Field(default_factory=dict, description=(
-        "Settings per tool in task.tools: tools.<name>.<key> (see `tirl tools`); checked by the tool's "
-        "own settings model before any work starts."))
-
-    @model_validator(mode="after")
-    def _consistent(self) -> Config:
-        if self.rollout.max_new_tokens_per_turn > self.rollout.max_new_tokens:
-            raise ValueError("rollout.max_new_tokens_per_turn cannot exceed rollout.max_new_tokens")
-        # a key changed from its default that would do nothing is refused, not silently ignored
-        # (compared with the defaults, so that a saved config.yaml is itself a valid recipe)
-        lora, lora_default = self.model.lora, LoraConfig()
-        changed = [k for k in LoraConfig.model_fields if k != "enabled" and getattr(lora, k) != getattr(lora_default, k)]
-        if changed and not lora.enabled:
-            raise ValueError(f"model.lora.{changed[0]} has no effect unless model.lora.enabled=true")
-        if self.algorithm.kl_estimator != AlgorithmConfig().kl_estimator and self.algorithm.kl_coef == 0:
-            raise ValueError("algorithm.kl_estimator has no effect while algorithm.kl_coef is 0")
-        for name in ("tree", "fission", "entropy_branch"):
-            if getattr(self.rollout, name) != getattr(RolloutConfig(), name) and self.rollout.strategy != name:
-                raise ValueError(f"rollout.{name}.* has no effect unless rollout.strategy={name}")
-        ds = self.rollout.dynamic_sampling
-        if not ds.enabled and ds != DynamicSamplingConfig():
-            raise ValueError("rollout.dynamic_sampling.* has no effect unless rollout.dynamic_sampling.enabled=true")
-        if self.backend.name != "openai" and self.backend.openai != OpenAIBackendConfig():
-            raise ValueError("backend.openai.* has no effect unless backend.name=openai")
-        if self.backend.name != "vllm" and self.backend.vllm != VLLMBackendConfig():
-            raise ValueError("backend.vllm.* has no effect unless backend.name=vllm")
-        if not self.cluster.enabled and self.cluster != ClusterConfig():
-            raise ValueError("cluster.* has no effect unless cluster.enabled=true")
-        return self
-
-    def run_dir(self) -> Path:
-        return Path(self.run.dir) if self.run.dir else Path("runs") / self.run.name
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
-
-
-# ----------------------------------------------------------------------------- loading
-
-
-def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- recipe YAML <- `key.sub=value` overrides; every error names the key.
-
-    Recipes and overrides are merged into the dumped defaults, key by key: setting `rl.optim.lr`
-    keeps every other value of `rl.optim` (including defaults that differ from `OptimConfig`'s own).
-    """
-    data: dict[str, Any] = Config().model_dump(mode="json")
-    if recipe is not None:
-        _merge(data, _read_yaml(Path(recipe)))
-    for item in overrides:
-        _set_path(data, *_parse_override(item))
-    try:
-        return Config.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(_explain(e, data)) from None
-
-
-def _merge(into: dict[str, Any], new: dict[str, Any]) -> None:
-    """Deep-merge mappings in place (`new` wins; lists and values are replaced, not merged)."""
-    for key, value in new.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _merge(into[key], value)
-        else:
-            into[key] = value
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"recipe {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"recipe {str(path)!r} must be a mapping of sections (run, model, task, ...)")
-    return data
-
-
-def _parse_override(item: str) -> tuple[list[str], Any]:
-    key, sep, raw = item.partition("=")
-    if not sep or not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override {item!r} must look like section.key=value (e.g. rl.steps=10)")
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.split("."), value
-
-
-def _set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
-    node = data
-    for part in path[:-1]:
-        nxt = node.setdefault(part, {})
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"override {'.'.join(path)}: {part!r} is a value, not a section")
-        node = nxt
-    node[path[-1]] = value
-
-
-def _explain(error: ValidationError, data: dict[str, Any]) -> str:
-    lines = []
-    for err in error.errors(include_url=False):
-        loc = ".".join(str(x) for x in err["loc"])
-        if err["type"] == "extra_forbidden":
-            lines.append(f"{loc}: unknown key{_suggest(err['loc'])}")
-        else:
-            got = f" (got {err['input']!r})" if not isinstance(err.get("input"), dict) else ""
-            lines.append(f"{loc or 'config'}: {err['msg']}{got}")
-    return "invalid config:\n  " + "\n  ".join(lines)
-
-
-def _suggest(loc: tuple) -> str:
-    model: Any = Config
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part)) if hasattr(model, "model_fields") else None
-        if field is None:
-            return ""
-        model = field.annotation
-    names = list(getattr(model, "model_fields", {}))
-    close = difflib.get_close_matches(str(loc[-1]), names, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else f" (valid keys: {', '.join(names)})"
