@@ -246,6 +246,19 @@ class RLConfig(_Section):
     save_every: int = Field(5, ge=1, description="Checkpoint every N steps (and at the end).")
     keep_checkpoints: int = Field(1, ge=1)
     save_trajectories: bool = True
+    max_staleness: int = Field(0, ge=0, description=(
+        "0: synchronous (each rollout uses the newest weights). k >= 1: asynchronous: step s samples with the "
+        "weights after update s-k while the trainer runs the updates in between (tirl.trainer.async_rl), "
+        "with importance weights against the sampling log-probs."))
+    is_cap: float | None = Field(2.0, gt=0, description=(
+        "Asynchronous mode: truncation C of each token's importance weight min(pi_old / pi_sample, C) "
+        "(null: untruncated)."))
+
+    @model_validator(mode="after")
+    def _is_cap_needs_async(self) -> RLConfig:
+        if self.max_staleness == 0 and self.is_cap != 2.0:
+            raise ValueError("rl.is_cap has no effect unless rl.max_staleness >= 1")
+        return self
 
 
 ToolStatusName = Literal["invalid_call", "unknown_tool", "validation_error", "execution_error", "timeout",

@@ -125,6 +125,9 @@ def check_config(cfg, strategy: str, size: int) -> None:
         raise ConfigError(f"rollout.strategy=fission is not supported with distributed.strategy={strategy}")
     if getattr(getattr(cfg, "cluster", None), "enabled", False):
         raise ConfigError(f"cluster.enabled=true cannot be combined with distributed.strategy={strategy}")
+    if cfg.rl.max_staleness:
+        raise ConfigError(f"rl.max_staleness={cfg.rl.max_staleness} (asynchronous RL) cannot be combined with "
+                          f"distributed.strategy={strategy} yet")
     if strategy == "fsdp2":
         from tirl.trainer.build import critic_enabled
 

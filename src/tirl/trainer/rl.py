@@ -12,10 +12,12 @@ the uninterrupted run step for step.
 from __future__ import annotations
 
 import asyncio
+import copy
 import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from tirl.backends.base import SamplingParams
 from tirl.config import Config
@@ -26,6 +28,9 @@ from tirl.rollout.io import append_jsonl
 from tirl.rollout.metrics import trajectory_metrics
 from tirl.tasks.base import Problem, Task
 from tirl.tools import ToolSet
+from tirl.errors import ResumeError
+from tirl.models.loading import merged_state_dict
+from tirl.trainer.async_rl import RolloutPipeline, produced_from_state, produced_to_state, with_behaviour_correction
 from tirl.trainer.build import EnvFactory, Policy, build_reference, critic_enabled, make_backend, turn_limits
 from tirl.trainer import distributed
 from tirl.trainer.critic import ValueHead, attach_to_stage, make_value_head, save_value_head
@@ -88,9 +93,12 @@ def train_on(learner: Learner, groups, step: int, cfg: Config, settings: UpdateS
     s = replace(settings, critic_only=learner.critic is not None and step < cfg.algorithm.critic.warmup_steps)
     batch = advantages_for(groups, s, model, learner.critic, learner.reference)
     replay, weight, stats = None, 0.0, {}
+    if cfg.rl.max_staleness:  # asynchronous: behaviour weights against the sampling log-probs (module async_rl)
+        batch, stats = with_behaviour_correction(with_old_logprobs(model, batch, s), cfg.rl.is_cap)
     if learner.replay is not None:
         batch = with_old_logprobs(model, batch, s)
-        replay, stats = learner.replay.step(batch, step, cfg.run.seed, cfg.algorithm.replay.batch_size)
+        replay, replay_stats = learner.replay.step(batch, step, cfg.run.seed, cfg.algorithm.replay.batch_size)
+        stats.update(replay_stats)
         weight = replay_weight(step, cfg.algorithm.replay.coef, cfg.algorithm.replay.warmup_steps)
         stats["replay/beta"] = weight
     metrics = rl_update(model, learner.stage.optimizer, batch, s, learner.reference, learner.critic, replay, weight)
@@ -104,56 +112,132 @@ def run_rl(cfg: Config, policy: Policy, task: Task, tools: ToolSet, reward_fn: R
            logger: MetricsLogger) -> Path:
     """Train for `cfg.rl.steps` steps (resuming if checkpoints exist); returns the final model directory.
     Under torch.distributed every rank runs this, each sampling its share of the step's problems
-    (module `distributed`)."""
+    (module `distributed`); with `rl.max_staleness` >= 1 rollouts run ahead of the updates (`_async_steps`)."""
     world = distributed.world()
     stage = TrainingStage("rl", run_dir, policy, cfg.rl.optim, cfg.rl.steps, cfg.rl.save_every,
                           cfg.rl.keep_checkpoints, logger)
     learner = make_learner(cfg, policy, stage)
     state = stage.resume()
+    if state.get("pending") and not cfg.rl.max_staleness:
+        raise ResumeError(f"the checkpoint of step {state['step']} was written by an asynchronous run (it holds "
+                          f"{len(state['pending'])} batches sampled ahead); resume it with rl.max_staleness >= 1")
     traj_dir = run_dir / "trajectories" / "rl"
     if world.is_main:
         _drop_after(traj_dir, state["step"])
     backend = make_backend(policy, cfg) if not cfg.cluster.enabled else _start_rollout_pool(cfg, policy)
     distributed.prepare_model(policy.model, world, stage)  # after resume: fsdp2 shards the restored weights
-    make_env = EnvFactory(task, tools, cfg, policy.fmt)
-    spec, settings = rollout_spec(cfg, policy), update_settings(cfg, policy)
     strategy = build_strategy(cfg) if not cfg.cluster.enabled else backend.strategy(cfg)
     strategy.load_state_dict(state.get("strategy", {}))
-    data = _Cursor(task, state.get("cursor", 0))
-    reward_state = RewardState(state.get("reward_state", {}))
+    run = _Run(cfg, policy, learner, backend, strategy, _Cursor(task, state.get("cursor", 0)),
+               RewardState(state.get("reward_state", {})), EnvFactory(task, tools, cfg, policy.fmt),
+               rollout_spec(cfg, policy), update_settings(cfg, policy), reward_fn, traj_dir, task)
+    try:
+        if cfg.rl.max_staleness:
+            _async_steps(run, state)
+        else:
+            _sync_steps(run, state["step"])
+    finally:
+        backend.close()
+    if learner.critic is not None and world.is_main:
+        save_value_head(learner.critic, run_dir / "models" / "final.value_head.safetensors")
+    return stage.finish(run_dir / "models" / "final")
+
+
+@dataclass
+class _Run:
+    """What the steps of one RL run share."""
+
+    cfg: Config
+    policy: Policy
+    learner: Learner
+    backend: Any
+    strategy: Any
+    data: _Cursor
+    reward_state: RewardState
+    make_env: EnvFactory
+    spec: RolloutSpec
+    settings: UpdateSettings
+    reward_fn: RewardFn
+    traj_dir: Path
+    task: Task
+
+    def context(self, step: int) -> RolloutContext:
+        return RolloutContext(self.make_env, self.backend, self.policy.fmt,
+                              _with_deadline(self.spec, self.cfg.rollout.step_timeout_s), self.reward_fn, step,
+                              self.cfg.run.seed, self.reward_state)
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint needs to continue the data stream (copies: a producer thread may go on)."""
+        return {"cursor": self.data.cursor, "reward_state": copy.deepcopy(self.reward_state.data),
+                "strategy": copy.deepcopy(self.strategy.state_dict())}
+
+    def finish_step(self, step: int, out: StrategyOutput, metrics: dict[str, float], state: dict[str, Any]) -> None:
+        metrics.update(trajectory_metrics(out.trajectories))
+        metrics.update(out.metrics)
+        if self.cfg.rl.save_trajectories and distributed.world().is_main:
+            _save(self.traj_dir, step, out)
+        self.learner.stage.step_done(step + 1, metrics, state)
+
+
+def _sync_steps(run: _Run, start: int) -> None:
+    """Rollout, update, weights to the backend, one step after the other."""
+    cfg, policy, backend, world = run.cfg, run.policy, run.backend, distributed.world()
     with asyncio.Runner() as runner:
-        for step in range(state["step"], cfg.rl.steps):
+        for step in range(start, cfg.rl.steps):
             t0 = time.monotonic()
             snapshot = backend.metrics_snapshot()
-            ctx = RolloutContext(make_env, backend, policy.fmt, _with_deadline(spec, cfg.rollout.step_timeout_s),
-                                 reward_fn, step, cfg.run.seed, reward_state)
-            take, prompts, ctx = distributed.shard_rollout(data.take, cfg.rollout.prompts_per_step, ctx, world)
-            out = runner.run(rollout_step(strategy, take, prompts, ctx, cfg.rollout.dynamic_sampling))
+            take, prompts, ctx = distributed.shard_rollout(run.data.take, cfg.rollout.prompts_per_step,
+                                                           run.context(step), world)
+            out = runner.run(rollout_step(run.strategy, take, prompts, ctx, cfg.rollout.dynamic_sampling))
             out = distributed.gather_output(out, step, cfg.rollout.prompts_per_step, world)
             if cfg.algorithm.info_gain.enabled and out.groups:
                 out.groups, gain = with_information_gain(
-                    policy.model, out.groups, lambda task_id: task.final_answer_text(data.problem(task_id)),
-                    policy.fmt.encode, compute_dtype=policy.compute_dtype, micro_batch_size=settings.micro_batch_size,
-                    log_space=cfg.algorithm.info_gain.log_space)
+                    policy.model, out.groups, lambda task_id: run.task.final_answer_text(run.data.problem(task_id)),
+                    policy.fmt.encode, compute_dtype=policy.compute_dtype,
+                    micro_batch_size=run.settings.micro_batch_size, log_space=cfg.algorithm.info_gain.log_space)
                 out.metrics.update(gain)
             t1 = time.monotonic()
-            metrics = train_on(learner, out.groups, step, cfg, settings) if out.groups else {"train/skipped": 1.0}
+            metrics = train_on(run.learner, out.groups, step, cfg, run.settings) if out.groups else {"train/skipped": 1.0}
             backend.update_weights(distributed.generation_weights(policy.model, world))
             t2 = time.monotonic()
-            metrics.update(trajectory_metrics(out.trajectories))
-            metrics.update(out.metrics)
             gen = distributed.sum_generation_metrics(backend.metrics_since(snapshot), world)
             metrics.update(gen)
             metrics.update({"time/rollout_s": t1 - t0, "time/update_s": t2 - t1,
                             "speed/tokens_per_s": gen.get("gen/tokens", 0.0) / (t1 - t0)})
-            if cfg.rl.save_trajectories and world.is_main:
-                _save(traj_dir, step, out)
-            stage.step_done(step + 1, metrics, {"cursor": data.cursor, "reward_state": reward_state.data,
-                                                "strategy": strategy.state_dict()})
-    backend.close()
-    if learner.critic is not None and world.is_main:
-        save_value_head(learner.critic, run_dir / "models" / "final.value_head.safetensors")
-    return stage.finish(run_dir / "models" / "final")
+            run.finish_step(step, out, metrics, run.state())
+
+
+def _async_steps(run: _Run, state: dict[str, Any]) -> None:
+    """`rl.max_staleness` >= 1: a producer thread samples step s with version max(start, s - k) while the
+    trainer updates (module `async_rl`); checkpoints carry the batches already sampled ahead."""
+    cfg, policy, backend, start = run.cfg, run.policy, run.backend, state["step"]
+
+    def produce(runner, step):
+        snapshot = backend.metrics_snapshot()
+        out = runner.run(rollout_step(run.strategy, run.data.take, cfg.rollout.prompts_per_step, run.context(step),
+                                      cfg.rollout.dynamic_sampling))
+        return out, backend.metrics_since(snapshot), run.state()
+
+    ready = [produced_from_state(p) for p in state.get("pending", [])]
+    pipeline = RolloutPipeline(produce, backend.update_weights, start, cfg.rl.steps, cfg.rl.max_staleness, ready)
+    try:
+        for step in range(start, cfg.rl.steps):
+            t0 = time.monotonic()
+            item = pipeline.get(step)
+            t1 = time.monotonic()
+            groups = item.out.groups
+            metrics = train_on(run.learner, groups, step, cfg, run.settings) if groups else {"train/skipped": 1.0}
+            pipeline.publish(step + 1, lambda: merged_state_dict(policy.model))
+            t2 = time.monotonic()
+            metrics.update(item.metrics)
+            metrics.update({"time/wait_s": t1 - t0, "time/update_s": t2 - t1, "async/version": float(item.version),
+                            "async/staleness": float(step - item.version),
+                            "speed/tokens_per_s": item.metrics.get("gen/tokens", 0.0) / item.metrics["time/rollout_s"]})
+            ahead = pipeline.ready_after(step + 1) if run.learner.stage.saves_at(step + 1) else []
+            saved = {**(ahead[-1] if ahead else item).state, "pending": [produced_to_state(p) for p in ahead]}
+            run.finish_step(step, item.out, metrics, saved)
+    finally:
+        pipeline.close()
 
 
 class _Cursor:

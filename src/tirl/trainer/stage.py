@@ -59,9 +59,13 @@ class TrainingStage:
             self.logger.log(self.name, step, metrics)
         if self.display is not None:
             self.display.update(step, metrics)
-        if step % self.save_every == 0 or step == self.total_steps:
+        if self.saves_at(step):
             model, optimizer = distributed.full_views(self.policy.model, self.optimizer, world)  # fsdp2: gathered
             distributed.main_first(world, lambda: self.ckpt.save(step, model, optimizer, self.scheduler, state))
+
+    def saves_at(self, step: int) -> bool:
+        """Whether `step_done(step, ...)` writes a checkpoint."""
+        return step % self.save_every == 0 or step == self.total_steps
 
     def finish(self, out_dir: Path) -> Path:
         """Save the trained model as a transformers directory and drop the training checkpoints."""
