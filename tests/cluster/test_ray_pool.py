@@ -186,8 +186,15 @@ def test_good_addresses_are_accepted():
 
 
 def test_cluster_settings_without_enabled_are_refused():
-    with pytest.raises(ConfigError, match=r"cluster\.\* has no effect unless cluster.enabled=true"):
+    with pytest.raises(ConfigError, match=r"cluster\.rollout_workers has no effect unless cluster.enabled=true"):
         load_config(overrides=["cluster.rollout_workers=4"])
+    with pytest.raises(ConfigError, match=r"cluster\.address has no effect unless cluster.enabled=true"):
+        load_config(overrides=["cluster.address=auto"])
+    # the Ray launcher of data-parallel training connects with cluster.address, but uses no worker settings
+    ray_launch = ["distributed.launcher=ray", "distributed.strategy=ddp"]
+    assert load_config(overrides=[*ray_launch, "cluster.address=auto"]).cluster.address == "auto"
+    with pytest.raises(ConfigError, match=r"cluster\.rollout_workers has no effect"):
+        load_config(overrides=[*ray_launch, "cluster.rollout_workers=4"])
 
 
 def test_a_strategy_the_cluster_does_not_run_is_refused():

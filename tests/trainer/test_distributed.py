@@ -242,6 +242,40 @@ def test_run_resumes_at_another_world_size(tiny_model_dir, tmp_path, straight_ru
     assert max(float((a - b).abs().max()) for a, b in zip(final.parameters(), want_final.parameters())) < 1e-6
 
 
+def test_sync_when_no_rank_has_a_gradient():
+    """A step whose every advantage is 0 gives no rank a gradient: the sum is skipped, not an error (it
+    was `torch.cat` of an empty list)."""
+    _torchrun([__file__, "nograd"])
+
+
+@pytest.mark.slow
+def test_ray_launcher_equals_single_process(tiny_model_dir, tmp_path, straight_run):
+    """`distributed.launcher=ray`: `tirl train` starts two Ray Train ranks (TorchTrainer, gloo, a local Ray)
+    that run the pipeline under ddp; metrics and the final model equal the single-process run's."""
+    args = [*_train_args(tiny_model_dir, 4), "distributed.launcher=ray", "distributed.strategy=ddp",
+            "distributed.num_workers=2"]
+    done = subprocess.run([sys.executable, *args], cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    got = _metrics(tmp_path / "runs" / "default")
+    straight_metrics, straight_final = straight_run
+    assert sorted(got) == [1, 2, 3, 4]
+    for step, want in straight_metrics.items():
+        assert got[step].keys() == want.keys()
+        for k, v in want.items():
+            assert got[step][k] == (pytest.approx(v, rel=1e-4, abs=1e-6) if isinstance(v, float) else v), (step, k)
+    final, want_final = _model(tmp_path / "runs" / "default" / "models" / "final"), _model(straight_final)
+    assert max(float((a - b).abs().max()) for a, b in zip(final.parameters(), want_final.parameters())) < 1e-6
+    assert not list(tmp_path.glob("**/ray_results")) and not (tmp_path / "runs" / "default" / "ray").exists()
+
+
+def test_ray_launcher_settings_are_checked():
+    with pytest.raises(ConfigError, match="distributed.num_workers has no effect unless distributed.launcher=ray"):
+        load_config(None, ["distributed.num_workers=4"])
+    with pytest.raises(ConfigError, match="launcher=ray starts ranks for data-parallel training"):
+        load_config(None, ["distributed.launcher=ray"])
+
+
 def _sft_args(model_dir: Path) -> list[str]:
     return ["-m", "tirl.cli", "train", f"model.name={model_dir}", "pipeline.eval_before=false", "pipeline.rl=false",
             "pipeline.eval_after_sft=false", "pipeline.eval_after=false", "sft.examples=12", "sft.batch_size=4",
@@ -317,8 +351,30 @@ def test_shares_cover_in_order():
         assert max(map(len, parts)) - min(map(len, parts)) <= 1
 
 
+def _rank_sync_without_gradients() -> None:
+    """Both ranks: a model none of whose parameters got a gradient (every advantage 0) syncs to no gradients,
+    and one where only rank 1 has a gradient gets rank 1's on both."""
+    import torch.distributed as dist
+
+    from tirl.trainer.distributed import World, sync_gradients
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    world = World("ddp", rank, 2)
+    model = torch.nn.Linear(3, 2)
+    sync_gradients([model], world)
+    assert all(p.grad is None for p in model.parameters())
+    if rank == 1:
+        model(torch.ones(1, 3)).sum().backward()
+    sync_gradients([model], world)
+    assert torch.equal(model.weight.grad, torch.ones(2, 3)) and torch.equal(model.bias.grad, torch.ones(2))
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "update":
         _rank_update(*sys.argv[2:7])
+    elif sys.argv[1] == "nograd":
+        _rank_sync_without_gradients()
     else:
         raise SystemExit(f"unknown mode {sys.argv[1]!r}")

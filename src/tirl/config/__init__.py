@@ -70,8 +70,12 @@ class Config(_Section):
             raise ValueError("backend.openai.* has no effect unless backend.name=openai")
         if self.backend.name != "vllm" and self.backend.vllm != VLLMBackendConfig():
             raise ValueError("backend.vllm.* has no effect unless backend.name=vllm")
-        if not self.cluster.enabled and self.cluster != ClusterConfig():
-            raise ValueError("cluster.* has no effect unless cluster.enabled=true")
+        if not self.cluster.enabled:  # the Ray launcher of distributed training connects with cluster.address
+            used = ("address", "object_store_mb") if self.distributed.launcher == "ray" else ()
+            changed = [k for k in ClusterConfig.model_fields
+                       if k not in used and getattr(self.cluster, k) != getattr(ClusterConfig(), k)]
+            if changed:
+                raise ValueError(f"cluster.{changed[0]} has no effect unless cluster.enabled=true")
         return self
 
     def run_dir(self) -> Path:

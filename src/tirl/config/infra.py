@@ -84,3 +84,22 @@ class DistributedConfig(_Section):
     timeout_s: float = Field(3600.0, gt=0, description=(
         "Seconds a collective may wait for the other ranks; it also bounds how long they wait while rank 0 "
         "evaluates alone, so keep it above an evaluation's duration."))
+    launcher: Literal["torchrun", "ray"] = Field("torchrun", description=(
+        "torchrun: you start the ranks (torchrun --nproc-per-node N -m tirl.cli train ...); ray: `tirl train` "
+        "starts distributed.num_workers ranks as Ray Train workers (TorchTrainer) on the Ray cluster at "
+        "cluster.address (null: a local Ray), each running the pipeline (tirl.cluster.train)."))
+    num_workers: int = Field(2, ge=1, description="launcher=ray: how many ranks.")
+    worker_cpus: float = Field(1.0, gt=0, description="launcher=ray: CPUs reserved per rank.")
+    worker_gpus: float = Field(0.0, ge=0, description="launcher=ray: GPUs per rank (> 0: ranks on GPU nodes).")
+
+    @model_validator(mode="after")
+    def _launcher_settings(self) -> DistributedConfig:
+        if self.launcher == "torchrun":
+            changed = [k for k in ("num_workers", "worker_cpus", "worker_gpus")
+                       if getattr(self, k) != type(self).model_fields[k].default]
+            if changed:
+                raise ValueError(f"distributed.{changed[0]} has no effect unless distributed.launcher=ray")
+        elif self.strategy == "none":
+            raise ValueError("distributed.launcher=ray starts ranks for data-parallel training: set "
+                             "distributed.strategy to ddp, fsdp2 or auto")
+        return self

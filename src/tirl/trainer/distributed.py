@@ -412,6 +412,8 @@ def sync_gradients(modules: Iterable, w: World, bucket_numel: int = 1 << 25) -> 
     has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
     dist.all_reduce(has, op=dist.ReduceOp.MAX)
     params = [p for p, h in zip(params, has.tolist()) if h]
+    if not params:  # no rank has a gradient (e.g. every advantage 0): nothing to sum
+        return
     for bucket in _buckets(params, bucket_numel):
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
                           for p in bucket])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,11 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
 def run_pipeline(cfg: Config) -> dict[str, dict[str, Any]]:
     """Run the enabled stages; returns {eval name: summary}."""
     preflight(cfg)
+    if cfg.distributed.launcher == "ray" and "WORLD_SIZE" not in os.environ:  # this process starts the ranks
+        from tirl.cluster.train import launch
+
+        launch(cfg)
+        return {}
     world = distributed.init(cfg)  # under torchrun: every rank runs the pipeline; rank 0 writes
     if world.is_main:
         console.rule("tirl train")
