@@ -18,14 +18,19 @@ TINY_RL = ["pipeline.eval_before=false", "pipeline.sft=false", "pipeline.eval_af
 
 
 @pytest.mark.slow
-def test_train_runs_rl_steps_on_the_ray_workers(local_ray, tiny_model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("staleness", [0, 1])
+def test_train_runs_rl_steps_on_the_ray_workers(local_ray, tiny_model_dir, tmp_path, monkeypatch, staleness):
+    """Synchronous, and asynchronous (rl.max_staleness=1: step 2 sampled by the workers with the start
+    weights while the trainer ran update 1)."""
     monkeypatch.chdir(tmp_path)
     assert main(["train", f"model.name={tiny_model_dir}", *TINY_RL, "cluster.enabled=true",
                  "cluster.rollout_workers=2", "cluster.tool_workers=1", "cluster.rollout_num_cpus=0.5",
-                 "cluster.tool_num_cpus=0.5"]) == 0
+                 "cluster.tool_num_cpus=0.5", f"rl.max_staleness={staleness}"]) == 0
     run = tmp_path / "runs" / "default"
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(recs) == 2
+    if staleness:
+        assert [r["async/staleness"] for r in recs] == [0.0, 1.0]
     assert all(r["cluster/groups"] == 3 and r["cluster/reissued"] == 0 for r in recs)
     assert all(r["gen/tokens"] > 0 for r in recs)
     trajs = [json.loads(line) for line in (run / "trajectories" / "rl" / "step_000002.jsonl").read_text().splitlines()]

@@ -206,7 +206,6 @@ def test_produced_batches_survive_a_json_round_trip():
 
 
 @pytest.mark.parametrize("overrides, error", [
-    (["rl.max_staleness=1", "cluster.enabled=true"], "cluster.enabled"),
     (["rl.max_staleness=1", "distributed.strategy=ddp"], "distributed.strategy=ddp"),
     (["rl.max_staleness=1", "algorithm.info_gain.enabled=true"], "info_gain"),
 ])

@@ -26,8 +26,9 @@ versions before n; the trainer waits for any still in flight), and the data curs
 strategy state as they were after the last of them. A resumed run trains on those first and samples
 step n+k with version n: it retraces the uninterrupted run.
 
-Not supported (a `ConfigError`): torch.distributed data parallelism, Ray rollout workers
-(`cluster.enabled`), information gain (IGPO).
+The backend may be any generator, Ray rollout workers included (`cluster.enabled`: the weights
+pushed by version, as in synchronous training). Not supported (a `ConfigError`): torch.distributed
+data parallelism, information gain (IGPO).
 """
 
 from __future__ import annotations
@@ -54,8 +55,6 @@ def check_config(cfg) -> None:
     k = cfg.rl.max_staleness
     if not k:
         return
-    if cfg.cluster.enabled:
-        raise ConfigError(f"rl.max_staleness={k} (asynchronous RL) cannot be combined with cluster.enabled=true yet")
     if cfg.distributed.strategy in ("ddp", "fsdp2"):
         raise ConfigError(f"rl.max_staleness={k} (asynchronous RL) cannot be combined with "
                           f"distributed.strategy={cfg.distributed.strategy} yet")

@@ -1,5 +1,6 @@
-"""Data-parallel training under torch.distributed: `torchrun --nproc-per-node N -m tirl.cli train recipe.yaml`
-(gloo on CPU, nccl on CUDA), selected by `distributed.strategy` (`ddp`, `fsdp2`, or `auto`).
+"""Data-parallel training under torch.distributed: `torchrun --nproc-per-node N -m tirl.cli train recipe.yaml`,
+or ranks started from Ray (`distributed.launcher=ray`, `tirl.cluster.train`), gloo on CPU, nccl on
+CUDA, selected by `distributed.strategy` (`ddp`, `fsdp2`, or `auto`).
 
 The contract, per RL step, with W ranks:
 
@@ -26,8 +27,9 @@ The contract, per RL step, with W ranks:
 
 The SFT cold start (`sft.py`) is data-parallel the same way: every rank builds the same batches, runs
 its share of each with the whole batch's weight as the normaliser, and the gradients are summed.
-Not supported (a `ConfigError` naming the key): dynamic sampling, the fission strategy and Ray rollout
-workers with any strategy; LoRA, a critic, replay and information gain with fsdp2.
+Not supported (a `ConfigError` naming the key): dynamic sampling, the fission strategy, Ray rollout
+workers and asynchronous RL (`rl.max_staleness`) with any strategy; LoRA, a critic, replay and
+information gain with fsdp2.
 """
 
 from __future__ import annotations
