@@ -9,6 +9,12 @@
   tokens, `include_stop_str_in_output`, `stop_reason`). It is NOT a third-party server: it tests the
   openai backend's token-exact completions path over real HTTP, in addition to the checks against
   `transformers serve`, because no third-party server with token-id completions runs on a CPU here.
+- `fleet`: TWO such servers, each with its own copy of the default model, that also answer vLLM's
+  dev-mode weight endpoints, `POST /collective_rpc` (method `tirl_load_weights`: load the safetensors
+  file and copy its tensors into the server's model with the hf backend's `update_weights`, which checks
+  the names; answered like vLLM, `{"results": ["<count>"]}`) and `POST /reset_prefix_cache`. They follow
+  vLLM's dev-mode API (vllm/entrypoints/serve/dev/rpc/api_router.py) and are NOT vLLM: they test the
+  openai backend's weight route over real HTTP, since vLLM does not run on this CPU.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import sys
 import threading
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -35,6 +41,30 @@ class Server:
 
     base_url: str
     model: str
+
+
+@dataclass
+class ServerLog:
+    """What a fleet server received (read by the tests), and how it misbehaves when told to."""
+
+    prompts: list[list[int]] = field(default_factory=list)
+    """Token-id prompts of the /v1/completions requests, in arrival order."""
+    loads: list[str] = field(default_factory=list)
+    """Paths loaded through /collective_rpc."""
+    resets: int = 0
+    """/reset_prefix_cache calls."""
+    worker_results: list | None = None
+    """When set, /collective_rpc answers these per-worker results after loading (a server whose workers
+    disagree), instead of the one worker's true count."""
+
+
+@dataclass(frozen=True)
+class FleetServer(Server):
+    """A fleet member, with the record of what it received."""
+
+    log: ServerLog = field(default_factory=ServerLog)
+    backend: object = None
+    """Its hf backend (its model holds the weights it serves)."""
 
 
 def free_port() -> int:
@@ -110,6 +140,7 @@ def completions_app(backend, tokenizer, model_name: str):
     from tirl.backends.base import GenerationRequest, SamplingParams
 
     app = FastAPI()
+    app.state.prompts = []
 
     @app.get("/v1/models")
     def models():
@@ -120,6 +151,7 @@ def completions_app(backend, tokenizer, model_name: str):
         prompt = body.get("prompt")
         if not (isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt)):
             raise HTTPException(400, "this test server takes token-id prompts only")
+        app.state.prompts.append(list(prompt))
         stop = body.get("stop") or ()
         request = GenerationRequest(
             prompt_ids=tuple(prompt), max_new_tokens=int(body.get("max_tokens") or 16),
@@ -143,6 +175,76 @@ def completions_app(backend, tokenizer, model_name: str):
                                                "total_tokens": len(prompt) + len(c.token_ids)}}
 
     return app
+
+
+def fleet_app(backend, tokenizer, model_name: str, log: ServerLog):
+    """`completions_app` plus vLLM's dev-mode `/collective_rpc` (tirl_load_weights) and `/reset_prefix_cache`
+    (see module docstring); records what it receives in `log`."""
+    from fastapi import HTTPException
+    from safetensors.torch import load_file
+
+    app = completions_app(backend, tokenizer, model_name)
+    app.state.prompts = log.prompts
+
+    @app.post("/collective_rpc")
+    def collective_rpc(body: dict):
+        if body.get("method") != "tirl_load_weights":
+            raise HTTPException(400, f"this test server runs only tirl_load_weights, not {body.get('method')!r}")
+        [path] = body.get("args") or [None]
+        tensors = load_file(path)
+        backend.update_weights(tensors)  # raises on names the model does not have (500)
+        log.loads.append(path)
+        results = log.worker_results if log.worker_results is not None else [len(tensors)]
+        return {"results": [r if r is None or isinstance(r, (dict, list)) else str(r) for r in results]}
+
+    @app.post("/reset_prefix_cache")
+    def reset_prefix_cache():
+        backend.engine.kept.clear()
+        log.resets += 1
+
+    return app
+
+
+def serve_in_thread(app, name: str):
+    """Start `app` on a free loopback port in a daemon thread; returns (root URL, stop function)."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve()), name=name, daemon=True)
+    thread.start()
+
+    def stop():
+        server.should_exit = True
+        thread.join(timeout=20)
+
+    wait_ready(f"http://127.0.0.1:{port}/v1/models", thread.is_alive, lambda: "(in-process server; see stderr)")
+    return f"http://127.0.0.1:{port}", stop
+
+
+@pytest.fixture(scope="session")
+def fleet(smol_dir, smol_tokenizer):
+    """Two loopback servers speaking vLLM's completions and dev-mode weight API, each over its own copy of
+    the default model (float32, eager) in tirl's hf backend."""
+    import torch
+
+    from tirl.backends.hf import HFBackend
+    from tirl.models.loading import load_causal_lm
+
+    members, stops = [], []
+    try:
+        for i in range(2):
+            model = load_causal_lm(str(smol_dir), torch.float32, "eager", "cpu")
+            backend = HFBackend(model, smol_tokenizer, [smol_tokenizer.eos_token_id], max_context=2048)
+            log = ServerLog()
+            root, stop = serve_in_thread(fleet_app(backend, smol_tokenizer, "smol-fleet", log), f"fleet-{i}")
+            stops.append((stop, backend))
+            members.append(FleetServer(f"{root}/v1", "smol-fleet", log, backend))
+        yield members
+    finally:
+        for stop, backend in stops:
+            stop()
+            backend.close()
 
 
 @pytest.fixture(scope="session")

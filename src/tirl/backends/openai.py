@@ -27,9 +27,23 @@ string is re-appended; with no `stop_reason` and no stop text the turn is taken 
 the eos token, which is appended (as the hf backend samples it). Tool calls a chat server parsed out
 of the text are written back in the Hermes markup tirl parses.
 
-The server cannot receive new weights: `update_weights` raises, and `preflight` refuses
-`backend.name=openai` for RL. Retries (connection errors, 408/409/429/5xx, with exponential backoff)
-and timeouts are the `openai` client's own (`max_retries`, `timeout`).
+A fleet: `base_url` may list several servers of the same model. Each request goes to one of them,
+every turn of a trajectory to the same one (`tirl.backends.fleet.Router`); the served model name is
+asked of every server and must agree. `max_concurrency` bounds the requests in flight in total.
+
+Weights: with `weight_sync=none` (the default) the servers keep their model: `update_weights` raises,
+and `preflight` refuses RL. With `weight_sync=vllm_files`, `update_weights` writes the weights as
+safetensors files under `weight_dir` and every server loads them through vLLM's dev-mode
+`/collective_rpc` and `/reset_prefix_cache` endpoints (`tirl.backends.fleet.FleetWeights`); the servers
+must be `VLLM_SERVER_DEV_MODE=1 vllm serve MODEL --worker-extension-cls
+tirl.backends.vllm.TirlWorkerExtension`, and `endpoint=auto` means completions (token-exact, as training
+needs). The update returns when every server has loaded every file. What was run: this route over HTTP
+against the test suite's loopback server speaking vLLM's dev-mode API (tests/backends/conftest.py, tirl's
+hf backend behind it), for one server and a fleet of two, through `tirl train`; never against a real
+vLLM, which does not run on a CPU.
+
+Retries (connection errors, 408/409/429/5xx, with exponential backoff) and timeouts of generation
+requests are the `openai` client's own (`max_retries`, `timeout`).
 """
 
 from __future__ import annotations
@@ -45,6 +59,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from tirl.backends.base import Completion, GenerationRequest
+from tirl.backends.fleet import FleetWeights, Router
 from tirl.backends.hf_engine import finish_reason
 from tirl.errors import ConfigError, TirlError
 
@@ -87,21 +102,29 @@ class _Stats:
     """Sum of request latencies (concurrent requests overlap)."""
     unknown_logprobs: int = 0
     """Tokens whose log-prob the server did not report (NaN)."""
+    weight_updates: int | None = None
+    """Weight pushes to the fleet (None: weight sync off, no weight metrics)."""
+    weight_sync_s: float = 0.0
 
     def as_metrics(self, since: _Stats) -> dict[str, float]:
         requests, seconds = self.requests - since.requests, self.request_s - since.request_s
-        return {"gen/requests": float(requests), "gen/tokens": float(self.tokens - since.tokens),
-                "gen/prompt_tokens": float(self.prompt_tokens - since.prompt_tokens),
-                "gen/unknown_logprobs": float(self.unknown_logprobs - since.unknown_logprobs),
-                "time/request_s": seconds, "speed/request_ms": 1000 * seconds / requests if requests else 0.0}
+        out = {"gen/requests": float(requests), "gen/tokens": float(self.tokens - since.tokens),
+               "gen/prompt_tokens": float(self.prompt_tokens - since.prompt_tokens),
+               "gen/unknown_logprobs": float(self.unknown_logprobs - since.unknown_logprobs),
+               "time/request_s": seconds, "speed/request_ms": 1000 * seconds / requests if requests else 0.0}
+        if self.weight_updates is not None:
+            out["gen/weight_updates"] = float(self.weight_updates - (since.weight_updates or 0))
+            out["time/weight_sync_s"] = self.weight_sync_s - since.weight_sync_s
+        return out
 
 
 @dataclass
 class _LoopState:
-    """Client, semaphore and probe lock of one event loop (httpx connections belong to a loop)."""
+    """Clients (one per server), semaphore and probe lock of one event loop (httpx connections belong to
+    a loop)."""
 
     loop: asyncio.AbstractEventLoop
-    client: Any
+    clients: list[Any]
     semaphore: asyncio.Semaphore
     lock: asyncio.Lock
 
@@ -109,16 +132,24 @@ class _LoopState:
 class OpenAIBackend:
     """Generator over an OpenAI-compatible HTTP server (see module docstring)."""
 
-    def __init__(self, base_url: str, tokenizer, stop_token_ids: Sequence[int], eos_token_id: int,
+    def __init__(self, base_url: str | Sequence[str], tokenizer, stop_token_ids: Sequence[int], eos_token_id: int,
                  model: str | None = None, endpoint: str = "auto", api_key: str | None = None,
-                 max_concurrency: int = 64, request_timeout_s: float = 600.0, max_retries: int = 3):
-        """`model`: the served name (None: the server's only model, from GET /models); `stop_token_ids`:
-        tokens that end a turn (eos); `eos_token_id`: the end-of-turn token appended when a chat server
-        reports an end of turn (its text omits it)."""
+                 max_concurrency: int = 64, request_timeout_s: float = 600.0, max_retries: int = 3,
+                 weights: FleetWeights | None = None):
+        """`base_url`: one server's /v1 URL or a fleet's; `model`: the served name (None: the servers' only
+        model, from GET /models); `stop_token_ids`: tokens that end a turn (eos); `eos_token_id`: the
+        end-of-turn token appended when a chat server reports an end of turn (its text omits it);
+        `weights`: how `update_weights` reaches the servers (None: it raises)."""
         if endpoint not in ("auto", "completions", "chat"):
             raise ConfigError(f"backend.openai.endpoint must be auto, completions or chat, got {endpoint!r}")
         self._openai = import_openai()
-        self.base_url = base_url.rstrip("/")
+        self.base_urls = [u.rstrip("/") for u in ([base_url] if isinstance(base_url, str) else base_url)]
+        if not self.base_urls:
+            raise ConfigError("backend.openai.base_url: no server given")
+        self.base_url = self.base_urls[0] if len(self.base_urls) == 1 else ", ".join(self.base_urls)
+        """The server's URL (a fleet's: all of them), as error messages name it."""
+        self.router = Router(len(self.base_urls))
+        self.weights = weights
         self.model = model
         self.endpoint: str | None = None if endpoint == "auto" else endpoint
         """The endpoint in use: completions or chat (None until `auto` has probed)."""
@@ -130,16 +161,27 @@ class OpenAIBackend:
         self._state: _LoopState | None = None
         self._pieces: dict[str, int] | None = None
         self._warned_logprobs = False
-        self.stats = _Stats()
+        self.stats = _Stats(weight_updates=0 if weights is not None else None)
 
     @classmethod
-    def from_config(cls, cfg, tokenizer, stop_token_ids: Sequence[int], eos_token_id: int) -> OpenAIBackend:
-        """From a `tirl.config.OpenAIBackendConfig`; the API key is read from `cfg.api_key_env`."""
+    def from_config(cls, cfg, tokenizer, stop_token_ids: Sequence[int], eos_token_id: int,
+                    compute_dtype=None) -> OpenAIBackend:
+        """From a `tirl.config.OpenAIBackendConfig`; the API key is read from `cfg.api_key_env`.
+        `compute_dtype`: the policy's, the pushed weights' dtype under `weight_dtype=auto`."""
         import os
 
-        return cls(cfg.base_url, tokenizer, stop_token_ids, eos_token_id, model=cfg.model, endpoint=cfg.endpoint,
+        import torch
+
+        weights, endpoint = None, cfg.endpoint
+        if cfg.weight_sync == "vllm_files":
+            dtype = compute_dtype if cfg.weight_dtype == "auto" else getattr(torch, cfg.weight_dtype)
+            if dtype is None:
+                raise ConfigError("backend.openai.weight_dtype=auto needs the policy's compute dtype")
+            weights = FleetWeights(_urls(cfg.base_url), cfg.weight_dir, dtype, cfg.request_timeout_s)
+            endpoint = "completions" if endpoint == "auto" else endpoint  # training needs token ids
+        return cls(cfg.base_url, tokenizer, stop_token_ids, eos_token_id, model=cfg.model, endpoint=endpoint,
                    api_key=os.environ.get(cfg.api_key_env), max_concurrency=cfg.max_concurrency,
-                   request_timeout_s=cfg.request_timeout_s, max_retries=cfg.max_retries)
+                   request_timeout_s=cfg.request_timeout_s, max_retries=cfg.max_retries, weights=weights)
 
     # ----------------------------------------------------------------- Generator protocol
     async def generate(self, request: GenerationRequest) -> Completion:
@@ -147,14 +189,19 @@ class OpenAIBackend:
         if request.max_new_tokens <= 0:
             return Completion((), (), "length")
         state = self._loop_state()
-        async with state.semaphore:
-            await self._resolve(state)
-            t0 = time.perf_counter()
-            if self.endpoint == "completions":
-                completion = await self._complete(state.client, request)
-            else:
-                completion = await self._chat(state.client, request)
-            self.stats.request_s += time.perf_counter() - t0
+        server = self.router.pick(request)
+        try:
+            async with state.semaphore:
+                await self._resolve(state)
+                t0 = time.perf_counter()
+                client, url = state.clients[server], self.base_urls[server]
+                if self.endpoint == "completions":
+                    completion = await self._complete(client, request, url)
+                else:
+                    completion = await self._chat(client, request, url)
+                self.stats.request_s += time.perf_counter() - t0
+        finally:
+            self.router.done(server)
         self.stats.requests += 1
         self.stats.tokens += len(completion.token_ids)
         self.stats.prompt_tokens += len(request.prompt_ids)
@@ -162,10 +209,20 @@ class OpenAIBackend:
         return completion
 
     def update_weights(self, state_dict: dict[str, Any]) -> None:
-        """Always raises: a remote server cannot receive the trainer's weights."""
-        raise ConfigError(f"backend.name=openai generates with the model served at {self.base_url} "
-                          f"({self.model or 'its default model'}), which cannot receive the trainer's weights; "
-                          "use it for `tirl eval` (pipeline.rl=false), and backend.name=hf or vllm for training")
+        """Every server loads `state_dict` (HF names, LoRA merged) and resets its prefix cache, when weight
+        sync is on (see module docstring); raises otherwise."""
+        if self.weights is None:
+            raise ConfigError(f"backend.name=openai generates with the model served at {self.base_url} "
+                              f"({self.model or 'its default model'}), which cannot receive the trainer's weights "
+                              "unless backend.openai.weight_sync=vllm_files; without it use it for `tirl eval` "
+                              "(pipeline.rl=false), and backend.name=hf or vllm for training")
+        t0 = time.perf_counter()
+        files = self.weights.push(state_dict)
+        seconds = time.perf_counter() - t0
+        self.stats.weight_updates += 1
+        self.stats.weight_sync_s += seconds
+        log.info("openai backend: %d servers loaded new weights (%d files) in %.1f s", len(self.base_urls), files,
+                 seconds)
 
     def participant(self):
         """No batching to wait for: every request goes out at once."""
@@ -181,15 +238,16 @@ class OpenAIBackend:
         """Drop the client (its connections close with it; a client of a finished loop cannot be awaited)."""
         state, self._state = self._state, None
         if state is not None and not state.loop.is_closed() and not state.loop.is_running():
-            state.loop.run_until_complete(state.client.close())
+            for client in state.clients:
+                state.loop.run_until_complete(client.close())
 
     # ----------------------------------------------------------------- set-up
     def _loop_state(self) -> _LoopState:
         loop = asyncio.get_running_loop()
         if self._state is None or self._state.loop is not loop:
-            client = self._openai.AsyncOpenAI(base_url=self.base_url, api_key=self._api_key, timeout=self._timeout,
-                                              max_retries=self._max_retries)
-            self._state = _LoopState(loop, client, asyncio.Semaphore(self._max_concurrency), asyncio.Lock())
+            clients = [self._openai.AsyncOpenAI(base_url=url, api_key=self._api_key, timeout=self._timeout,
+                                                max_retries=self._max_retries) for url in self.base_urls]
+            self._state = _LoopState(loop, clients, asyncio.Semaphore(self._max_concurrency), asyncio.Lock())
         return self._state
 
     async def _resolve(self, state: _LoopState) -> None:
@@ -198,38 +256,42 @@ class OpenAIBackend:
             return
         async with state.lock:
             if self.model is None:
-                self.model = await self._served_model(state.client)
+                names = [await self._served_model(c, u) for c, u in zip(state.clients, self.base_urls)]
+                if len(set(names)) != 1:
+                    raise ServerError(f"the servers of backend.openai.base_url serve different models: "
+                                      f"{dict(zip(self.base_urls, names))}; a fleet serves one model")
+                self.model = names[0]
             if self.endpoint is None:
-                self.endpoint = await self._probe(state.client)
+                self.endpoint = await self._probe(state.clients[0], self.base_urls[0])
 
-    async def _served_model(self, client) -> str:
+    async def _served_model(self, client, url: str) -> str:
         try:
             page = await client.models.list()
         except self._openai.OpenAIError as e:
-            raise self._error("listing the served models (GET /models)", e) from e
+            raise self._error("listing the served models (GET /models)", e, url) from e
         names = [m.id for m in page.data]
         if len(names) != 1:
-            raise ServerError(f"{self.base_url} serves {len(names)} models ({', '.join(names) or 'none'}); "
+            raise ServerError(f"{url} serves {len(names)} models ({', '.join(names) or 'none'}); "
                               "name one with backend.openai.model")
-        log.info("openai backend: %s serves %r", self.base_url, names[0])
+        log.info("openai backend: %s serves %r", url, names[0])
         return names[0]
 
-    async def _probe(self, client) -> str:
+    async def _probe(self, client, url: str) -> str:
         """completions when a one-token completion over token ids answers with token ids, else chat."""
         probe = GenerationRequest(prompt_ids=tuple(self.tokenizer.encode("Hello", add_special_tokens=False)),
                                   max_new_tokens=1)
         try:
-            await self._complete(client, probe)
+            await self._complete(client, probe, url)
         except ServerError as e:
             if not e.answered:
                 raise
             log.warning("openai backend: %s (%s) has no token-exact completions endpoint (%s); using chat "
-                        "completions: text-level, for evaluation only", self.base_url, self.model, e)
+                        "completions: text-level, for evaluation only", url, self.model, e)
             return "chat"
         log.warning("openai backend: %s (%s): using token-exact /completions", self.base_url, self.model)
         return "completions"
 
-    def _error(self, what: str, e: Exception) -> ServerError:
+    def _error(self, what: str, e: Exception, url: str) -> ServerError:
         answered = isinstance(e, self._openai.APIStatusError)
         if answered:
             answer = f": the server answered HTTP {e.status_code}: {_body(e)}"
@@ -239,21 +301,21 @@ class OpenAIBackend:
             answer = f": cannot connect ({e.__cause__ or e}); is the server running?"
         else:
             answer = f": {e}"
-        return ServerError(f"openai backend, {what} at {self.base_url} (model {self.model!r}){answer}", answered)
+        return ServerError(f"openai backend, {what} at {url} (model {self.model!r}){answer}", answered)
 
     # ----------------------------------------------------------------- completions (token-exact)
-    async def _complete(self, client, request: GenerationRequest) -> Completion:
+    async def _complete(self, client, request: GenerationRequest, url: str) -> Completion:
         try:
             resp = await client.completions.create(
                 prompt=list(request.prompt_ids), logprobs=1, extra_body=VLLM_EXTRAS, **self._common(request))
         except self._openai.OpenAIError as e:
-            raise self._error("POST /completions", e) from e
-        choice = _only_choice(resp, self.base_url, self.model)
+            raise self._error("POST /completions", e, url) from e
+        choice = _only_choice(resp, url, self.model)
         data = choice.to_dict() if hasattr(choice, "to_dict") else dict(choice)
-        ids, logprobs = self._completion_tokens(data)
-        return self._settle(ids, logprobs, request, data.get("finish_reason"), data.get("stop_reason"))
+        ids, logprobs = self._completion_tokens(data, url)
+        return self._settle(ids, logprobs, request, data.get("finish_reason"), data.get("stop_reason"), url)
 
-    def _completion_tokens(self, data: dict) -> tuple[list[int], list[float]]:
+    def _completion_tokens(self, data: dict, url: str) -> tuple[list[int], list[float]]:
         """Sampled ids and their log-probs from a completion choice (see module docstring for the sources)."""
         lp = data.get("logprobs") or {}
         pieces, values = lp.get("tokens"), lp.get("token_logprobs")
@@ -261,13 +323,13 @@ class OpenAIBackend:
         if ids is None and pieces is not None:
             ids = _ids_from_token_strings(pieces) or self._ids_from_pieces(pieces)
         if ids is None:
-            raise ServerError(f"{self.base_url} (model {self.model!r}) answered /completions without token ids "
+            raise ServerError(f"{url} (model {self.model!r}) answered /completions without token ids "
                               f"(no `token_ids`, and its logprob tokens {(pieces or [])[:5]!r} do not identify "
                               "vocabulary entries); training needs them: serve with vLLM or use endpoint=chat for "
                               "evaluation")
         ids = [int(t) for t in ids]
         if values is None or len(values) != len(ids):
-            raise ServerError(f"{self.base_url} (model {self.model!r}) answered /completions with "
+            raise ServerError(f"{url} (model {self.model!r}) answered /completions with "
                               f"{len(ids)} tokens but {len(values or [])} log-probs (requested logprobs=1)")
         return ids, [float(v) if v is not None else math.nan for v in values]
 
@@ -286,10 +348,10 @@ class OpenAIBackend:
         return ids
 
     # ----------------------------------------------------------------- chat (text-level)
-    async def _chat(self, client, request: GenerationRequest) -> Completion:
+    async def _chat(self, client, request: GenerationRequest, url: str) -> Completion:
         if not request.messages:
             raise ServerError(f"endpoint=chat needs the conversation as messages, and this request carries none "
-                              f"(server {self.base_url}, model {self.model!r})")
+                              f"(server {url}, model {self.model!r})")
         kwargs = self._common(request)
         if request.tools:
             kwargs["tools"] = list(request.tools)
@@ -297,8 +359,8 @@ class OpenAIBackend:
             resp = await client.chat.completions.create(
                 messages=[_openai_message(m) for m in request.messages], logprobs=True, **kwargs)
         except self._openai.OpenAIError as e:
-            raise self._error("POST /chat/completions", e) from e
-        choice = _only_choice(resp, self.base_url, self.model)
+            raise self._error("POST /chat/completions", e, url) from e
+        choice = _only_choice(resp, url, self.model)
         data = choice.to_dict() if hasattr(choice, "to_dict") else dict(choice)
         message = data.get("message") or {}
         text = (message.get("content") or "") + _hermes_calls(message.get("tool_calls") or [])
@@ -311,7 +373,7 @@ class OpenAIBackend:
         ended = server_finish == "stop" and not any(x in text for x in request.stop_strings)
         if ended and (not ids or ids[-1] not in self.stop_token_ids):
             ids, logprobs = ids + [self.eos_token_id], logprobs + [math.nan]
-        return self._settle(ids, logprobs, request, server_finish, stop_reason)
+        return self._settle(ids, logprobs, request, server_finish, stop_reason, url)
 
     def _chat_tokens(self, text: str, content: list[dict] | None) -> tuple[list[int], list[float]]:
         """Ids of a chat answer: exact from the logprob pieces when they identify vocabulary entries and
@@ -340,7 +402,7 @@ class OpenAIBackend:
         return out
 
     def _settle(self, ids: list[int], logprobs: list[float], request: GenerationRequest, server_finish: str | None,
-                stop_reason: Any) -> Completion:
+                stop_reason: Any, url: str) -> Completion:
         """Cut after the first token where the hf rule stops and name the finish reason."""
         budget = request.max_new_tokens
         for n in range(1, len(ids) + 1):
@@ -349,11 +411,15 @@ class OpenAIBackend:
                 return Completion(tuple(ids[:n]), tuple(logprobs[:n]), reason)
         if server_finish == "length" or (server_finish == "stop" and not ids):
             return Completion(tuple(ids), tuple(logprobs), "length")
-        raise ServerError(f"{self.base_url} (model {self.model!r}) ended a completion with finish_reason="
+        raise ServerError(f"{url} (model {self.model!r}) ended a completion with finish_reason="
                           f"{server_finish!r}, stop_reason={stop_reason!r} after {len(ids)} tokens, but neither an "
                           f"end-of-turn token {sorted(self.stop_token_ids)} nor a stop string "
                           f"{list(request.stop_strings)} nor the budget ({budget}) ends it; last tokens "
                           f"{self.tokenizer.decode(ids[-8:], skip_special_tokens=False)!r}")
+
+
+def _urls(base_url: str | Sequence[str]) -> list[str]:
+    return [base_url] if isinstance(base_url, str) else list(base_url)
 
 
 def _ids_from_token_strings(pieces: Sequence[str]) -> list[int] | None:

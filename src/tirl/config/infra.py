@@ -11,7 +11,9 @@ from tirl.config.base import _Section
 
 
 class OpenAIBackendConfig(_Section):
-    base_url: str = Field("http://127.0.0.1:8000/v1", description="The server's OpenAI-compatible /v1 URL.")
+    base_url: str | list[str] = Field("http://127.0.0.1:8000/v1", description=(
+        "The server's OpenAI-compatible /v1 URL, or a list of them (a fleet serving the same model: requests "
+        "are spread over the servers, every turn of a trajectory going to the same one)."))
     model: str | None = Field(None, description="Model name the server knows (default: the one model it serves, "
                                                  "from GET /models).")
     api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key (may be unset).")
@@ -21,6 +23,36 @@ class OpenAIBackendConfig(_Section):
     max_concurrency: int = Field(64, ge=1, description="Requests in flight at once.")
     request_timeout_s: float = Field(600.0, gt=0, description="Seconds per request.")
     max_retries: int = Field(3, ge=0, description="Retries of connection errors and 429/5xx answers.")
+    weight_sync: Literal["none", "vllm_files"] = Field("none", description=(
+        "none: the servers keep their model (evaluation only); vllm_files: after every update the trainer "
+        "writes its weights as safetensors files under weight_dir and every `vllm serve` server loads them "
+        "through its dev-mode /collective_rpc endpoint (see tirl.backends.fleet)."))
+    weight_dir: str | None = Field(None, description="Directory every server can read (a shared filesystem, or "
+                                                     "local disk when the servers run on this node).")
+    weight_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="dtype of the pushed weights (auto: the policy's compute dtype).")
+
+    @model_validator(mode="after")
+    def _check_fleet(self) -> OpenAIBackendConfig:
+        urls = [self.base_url] if isinstance(self.base_url, str) else self.base_url
+        if not urls or not all(urls):
+            raise ValueError(f"backend.openai.base_url must be a URL or a non-empty list of them, got "
+                             f"{self.base_url!r}")
+        if len(set(urls)) != len(urls):
+            raise ValueError(f"backend.openai.base_url lists a server twice: {urls}")
+        if self.weight_sync == "none":
+            for key in ("weight_dir", "weight_dtype"):
+                if getattr(self, key) != type(self).model_fields[key].default:
+                    raise ValueError(f"backend.openai.{key} has no effect unless backend.openai.weight_sync="
+                                     "vllm_files")
+            return self
+        if not self.weight_dir:
+            raise ValueError("backend.openai.weight_sync=vllm_files needs backend.openai.weight_dir: a directory "
+                             "every server can read")
+        if self.endpoint == "chat":
+            raise ValueError("backend.openai.weight_sync=vllm_files needs token-exact completions for training; "
+                             "backend.openai.endpoint=chat is text-level (use completions or auto)")
+        return self
 
 
 class VLLMBackendConfig(_Section):

@@ -115,7 +115,8 @@ def evaluate_model(cfg: Config, variants: Sequence[tuple[str, bool]], model_path
     problems = eval_problems(task, cfg)
     pending = [n for n, _ in variants if pending_problems(out_dir / f"{n}.jsonl", problems, cfg.eval.samples)]
     served = cfg.backend.name == "openai"
-    policy = load_policy(cfg.model, device, model_path, trainable=False, weights=not served) if pending else None
+    policy = load_policy(cfg.model, device, model_path, trainable=False,
+                         weights=not served or cfg.backend.openai.weight_sync != "none") if pending else None
     backend = make_backend(policy, cfg) if policy else None
     out: dict[str, dict[str, Any]] = {}
     try:

@@ -161,10 +161,12 @@ def check_backend(cfg: Config) -> None:
             raise ConfigError("backend.openai.endpoint=chat is text-level (token ids re-tokenised from the server's "
                               "text, log-probs often missing), so RL cannot train on it; it is for evaluation only "
                               "(pipeline.rl=false)")
-        if p.rl or (p.sft and p.eval_after_sft):
+        if (p.rl or (p.sft and p.eval_after_sft)) and b.openai.weight_sync == "none":
             raise ConfigError(f"backend.name=openai generates with the model served at {b.openai.base_url}, which "
-                              "cannot receive the weights tirl trains, so RL rollouts (and evaluations after "
-                              "training) would use a stale model. Use it for `tirl eval` (or pipeline.rl=false, "
+                              "cannot receive the weights tirl trains unless backend.openai.weight_sync=vllm_files "
+                              "(vllm serve servers in dev mode, see tirl.backends.fleet), so RL rollouts (and "
+                              "evaluations after training) would use a stale model. Set it (with "
+                              "backend.openai.weight_dir), or use the backend for `tirl eval` (or pipeline.rl=false, "
                               "pipeline.sft=false), and backend.name=hf or vllm for training")
     elif b.name == "vllm" and importlib.util.find_spec("vllm") is None:
         raise ConfigError("backend.name=vllm needs vLLM on a CUDA machine: pip install 'tirl[vllm]'")
@@ -258,8 +260,15 @@ def make_backend(policy: Policy, cfg: Config) -> Generator:
     if name == "openai":
         from tirl.backends.openai import OpenAIBackend
 
-        return OpenAIBackend.from_config(cfg.backend.openai, policy.tokenizer, stop_ids(policy),
-                                         policy.fmt.eos_token_id)
+        backend = OpenAIBackend.from_config(cfg.backend.openai, policy.tokenizer, stop_ids(policy),
+                                            policy.fmt.eos_token_id, policy.compute_dtype)
+        if cfg.backend.openai.weight_sync != "none":  # the fleet generates with the weights trained/evaluated here
+            try:
+                backend.update_weights(loading.merged_state_dict(policy.model))
+            except BaseException:
+                backend.close()
+                raise
+        return backend
     if name == "vllm":
         from tirl.backends.vllm import VLLMBackend
 
