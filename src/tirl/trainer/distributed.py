@@ -239,6 +239,31 @@ def max_over_ranks(n: int, w: World) -> int:
     return max(all_gather(n, w)) if w.enabled else n
 
 
+# ----------------------------------------------------------------------------- gradient accumulation
+
+
+def backward(loss: torch.Tensor, w: World) -> None:
+    """`loss.backward()`, times W under fsdp2 (its reduce-scatter averages the ranks' gradients)."""
+    (loss * w.loss_scale if w.sharded else loss).backward()
+
+
+def match_collectives(done: int, dummy_loss: Callable[[], torch.Tensor], w: World) -> None:
+    """fsdp2: zero-weighted backward passes of `dummy_loss()` until this rank has made as many as the
+    busiest rank, so that every rank makes the same collectives (a no-op otherwise)."""
+    if w.sharded:
+        for _ in range(max_over_ranks(done, w) - done):
+            (dummy_loss() * 0.0).backward()
+
+
+def reduce_accumulated(modules: Iterable, sums: dict[str, float], w: World) -> dict[str, float]:
+    """After a rank's backward passes: the gradients of `modules` and the metric `sums` summed over the
+    ranks (`sync_gradients`, `sum_over_ranks`); a single process returns `sums` as they are."""
+    if not w.enabled:
+        return sums
+    sync_gradients(modules, w)
+    return sum_over_ranks(sums, w)
+
+
 # ----------------------------------------------------------------------------- rollouts
 
 

@@ -110,14 +110,12 @@ def sft_loss_step(policy: Policy, optimizer, batch: list[SFTExample], micro: int
     chunks = [mine[i:i + micro] for i in range(0, len(mine), micro)]
     for chunk in chunks:
         loss, nll = chunk_loss(policy, chunk, total_weight)
-        (loss * world.loss_scale if world.sharded else loss).backward()
+        distributed.backward(loss, world)
         loss_sum += float(loss.detach())
         nll_sum += nll
-    if world.enabled:
-        for _ in range(distributed.max_over_ranks(len(chunks), world) - len(chunks) if world.sharded else 0):
-            (chunk_loss(policy, batch[:1], total_weight)[0] * 0.0).backward()  # fsdp2: same collectives
-        distributed.sync_gradients([policy.model], world)
-        loss_sum, nll_sum = distributed.sum_over_ranks({"loss": loss_sum, "nll": nll_sum}, world).values()
+    distributed.match_collectives(len(chunks), lambda: chunk_loss(policy, batch[:1], total_weight)[0], world)
+    sums = distributed.reduce_accumulated([policy.model], {"loss": loss_sum, "nll": nll_sum}, world)
+    loss_sum, nll_sum = sums.get("loss", 0.0), sums.get("nll", 0.0)
     params = [p for p in policy.model.parameters() if p.grad is not None]
     norm = (distributed.clip_grad_norm(params, max_grad_norm) if world.sharded
             else torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf")))

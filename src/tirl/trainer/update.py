@@ -42,7 +42,8 @@ from tirl.algorithms import (ADVANTAGES, POLICY_LOSSES, AdvantageInput, NeedsTre
 from tirl.errors import ConfigError, InvariantError
 from tirl.rollout.tree import ROOT, check_tree, is_tree, node_spans
 from tirl.trainer.critic import critic_loss, value_stats
-from tirl.trainer.distributed import World, clip_grad_norm, max_over_ranks, sum_over_ranks, sync_gradients
+from tirl.trainer.distributed import (World, backward, clip_grad_norm, match_collectives, reduce_accumulated,
+                                      sum_over_ranks)
 from tirl.trainer.forward import ScoredBatch, response_logprobs
 from tirl.trainer.reference import Reference, as_reference
 from tirl.types import Trajectory, TrajectoryGroup
@@ -326,18 +327,14 @@ def _minibatch_step(model, optimizer, batch: Batch, rows: list[int], s: UpdateSe
     total_loss = 0.0
     for micro in micros:
         loss, weight, micro_metrics = _micro_loss(model, batch, micro, s, ex, norms)
-        (loss * s.world.loss_scale if s.world.sharded else loss).backward()
+        backward(loss, s.world)
         total_loss += float(loss.detach())
         for k, v in micro_metrics.items():
             sums[k] = sums.get(k, 0.0) + v * weight
-    if s.world.sharded:  # every rank makes the same collectives: zero-weighted micro-batches make up the count
-        for _ in range(max_over_ranks(len(micros), s.world) - len(micros)):
-            (_micro_loss(model, batch, rows[:1], s, ex, norms)[0] * 0.0).backward()
+    match_collectives(len(micros), lambda: _micro_loss(model, batch, rows[:1], s, ex, norms)[0], s.world)
     replay_metrics = _replay_pass(model, ex.replay, replay_rows, s, ex.replay_weight) if replay_rows else {}
-    if s.world.enabled:
-        sync_gradients([model, ex.critic], s.world)
-        sums = sum_over_ranks({**sums, "train/loss": total_loss}, s.world)
-        total_loss = sums.pop("train/loss", 0.0)
+    sums = reduce_accumulated([model, ex.critic], {**sums, "train/loss": total_loss}, s.world)
+    total_loss = sums.pop("train/loss", 0.0)
     grad_norm = _clip([model, ex.critic], s.max_grad_norm, s.world)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
