@@ -11,8 +11,8 @@
   `transformers serve`, because no third-party server with token-id completions runs on a CPU here.
 - `fleet`: TWO such servers, each with its own copy of the default model, that also answer vLLM's
   dev-mode weight endpoints, `POST /collective_rpc` (method `tirl_load_weights`: load the safetensors
-  file and copy its tensors into the server's model with the hf backend's `update_weights`, which checks
-  the names; answered like vLLM, `{"results": ["<count>"]}`) and `POST /reset_prefix_cache`. They follow
+  file, which may hold any part of the weights, and copy its tensors into the server's model with the hf
+  backend's `update_weights`, which refuses unknown names; answered like vLLM, `{"results": ["<count>"]}`) and `POST /reset_prefix_cache`. They follow
   vLLM's dev-mode API (vllm/entrypoints/serve/dev/rpc/api_router.py) and are NOT vLLM: they test the
   openai backend's weight route over real HTTP, since vLLM does not run on this CPU.
 """
@@ -192,7 +192,9 @@ def fleet_app(backend, tokenizer, model_name: str, log: ServerLog):
             raise HTTPException(400, f"this test server runs only tirl_load_weights, not {body.get('method')!r}")
         [path] = body.get("args") or [None]
         tensors = load_file(path)
-        backend.update_weights(tensors)  # raises on names the model does not have (500)
+        # one file may hold part of the weights (vLLM's load_weights takes any subset): the model's own tensors
+        # fill in the rest, and update_weights refuses names the model does not have (answered as HTTP 500)
+        backend.update_weights({**backend.model.state_dict(), **tensors})
         log.loads.append(path)
         results = log.worker_results if log.worker_results is not None else [len(tensors)]
         return {"results": [r if r is None or isinstance(r, (dict, list)) else str(r) for r in results]}

@@ -14,7 +14,7 @@ import torch
 
 from tirl.backends.base import GenerationRequest, SamplingParams
 from tirl.backends.fleet import FleetWeights, WeightSyncError, trajectory_of
-from tirl.backends.openai import OpenAIBackend
+from tirl.backends.openai import OpenAIBackend, ServerError
 from tirl.config import load_config
 from tirl.errors import ConfigError
 from tirl.trainer.build import check_backend
@@ -22,10 +22,12 @@ from tirl.types import Message
 
 PROMPT = (Message("system", "You are a helpful assistant."), Message("user", "What is 17 times 23?"))
 FLEET_CFG = ["backend.name=openai", "backend.openai.weight_sync=vllm_files"]
+CHUNK_BYTES = 64 << 20
+"""Files of at most 64 MiB in the direct tests: the 540 MB float32 model goes out in several."""
 
 
 def _fleet_backend(urls, tokenizer, weight_dir, **kw) -> OpenAIBackend:
-    weights = FleetWeights(urls, str(weight_dir), torch.float32, timeout_s=120)
+    weights = FleetWeights(urls, str(weight_dir), torch.float32, timeout_s=120, chunk_bytes=CHUNK_BYTES)
     return OpenAIBackend(urls, tokenizer, [tokenizer.eos_token_id], tokenizer.eos_token_id, endpoint="completions",
                          weights=weights, **kw)
 
@@ -57,9 +59,12 @@ def _local(state_dict, smol_dir, tokenizer):
 
 
 def _perturbed(state_dict) -> dict[str, torch.Tensor]:
+    """`state_dict` with noise on the last decoder layer and the final norm (other tensors shared, not copied)."""
     gen = torch.Generator().manual_seed(0)
-    return {k: v + 0.02 * v.abs().mean() * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
-            for k, v in state_dict.items()}
+    last = max(int(k.split(".")[2]) for k in state_dict if k.startswith("model.layers."))
+    noisy = [k for k in state_dict if k.startswith((f"model.layers.{last}.", "model.norm."))]
+    return {**state_dict, **{k: state_dict[k] + 0.1 * state_dict[k].abs().mean() * torch.randn(
+        state_dict[k].shape, generator=gen) for k in noisy}}
 
 
 def _assert_same(remote, local):
@@ -72,9 +77,9 @@ def test_pushed_weights_generate_on_every_server(fleet, smol_model, smol_dir, sm
     backend holding the same weights; the perturbed weights change them."""
     urls = [s.base_url for s in fleet]
     backend = _fleet_backend(urls, smol_tokenizer, tmp_path / "weights")
-    original = {k: v.detach().clone() for k, v in smol_model.state_dict().items()}
+    original = smol_model.state_dict()
     perturbed = _perturbed(original)
-    resets = [s.log.resets for s in fleet]
+    resets, loads = [s.log.resets for s in fleet], [len(s.log.loads) for s in fleet]
 
     backend.update_weights(original)
     local = _local(original, smol_dir, smol_tokenizer)
@@ -92,6 +97,8 @@ def test_pushed_weights_generate_on_every_server(fleet, smol_model, smol_dir, sm
         _assert_same(remote, after)
 
     assert [s.log.resets for s in fleet] == [r + 2 for r in resets]
+    files = [len(s.log.loads) - n for s, n in zip(fleet, loads)]
+    assert files[0] == files[1] and files[0] >= 2 * 8, files  # every file to every server
     assert not list((tmp_path / "weights").iterdir())  # the files are gone once loaded
     metrics = backend.metrics_since(type(backend.stats)(weight_updates=0))
     assert metrics["gen/weight_updates"] == 2 and metrics["time/weight_sync_s"] > 0
@@ -180,8 +187,8 @@ def test_weights_the_model_does_not_have_are_an_error_naming_the_server(fleet, t
 
 
 def test_a_worker_count_mismatch_is_an_error(fleet, smol_model, tmp_path):
-    state = smol_model.state_dict()
-    fleet[1].log.worker_results = [len(state), len(state) - 1]  # as if the second worker skipped a tensor
+    state = {k: v for k, v in smol_model.state_dict().items() if k.endswith("norm.weight")}  # one small file
+    fleet[1].log.worker_results = [len(state), len(state) - 1]  # as if its second worker skipped a tensor
     try:
         weights = FleetWeights([s.base_url for s in fleet], str(tmp_path), torch.float32, timeout_s=120)
         with pytest.raises(WeightSyncError) as e:
@@ -190,7 +197,32 @@ def test_a_worker_count_mismatch_is_an_error(fleet, smol_model, tmp_path):
         fleet[1].log.worker_results = None
     message = str(e.value)
     assert fleet[1].base_url.removesuffix("/v1") in message and "2 workers" in message
-    assert f"expected {len(state)} each" in message
+    assert f"expected {len(state)} each" in message and fleet[0].base_url.removesuffix("/v1") not in message
+
+
+def test_a_fleet_must_serve_one_model(fleet, completions_server, smol_tokenizer, smol_format):
+    backend = OpenAIBackend([fleet[0].base_url, completions_server.base_url], smol_tokenizer,
+                            [smol_tokenizer.eos_token_id], smol_tokenizer.eos_token_id, endpoint="completions")
+    with pytest.raises(ServerError, match="serve different models.*smol-fleet.*smol-loopback"):
+        _greedy(backend, smol_format)
+    backend.close()
+
+
+def test_tirl_eval_pushes_the_evaluated_model_to_the_fleet(fleet, smol_dir, tmp_path):
+    """`tirl eval` with weight sync loads the model here and pushes it before generating on the fleet."""
+    from tirl.cli import main
+
+    resets = [s.log.resets for s in fleet]
+    run_dir = tmp_path / "run"
+    rc = main(["eval", "--model", str(smol_dir), "--task", "arithmetic", *FLEET_CFG,
+               f"backend.openai.base_url=[{','.join(s.base_url for s in fleet)}]",
+               f"backend.openai.weight_dir={tmp_path / 'weights'}", "eval.size=2", "eval.no_tools=false",
+               f"run.dir={run_dir}", "run.tensorboard=false", "rollout.max_turns=2",
+               "rollout.max_new_tokens_per_turn=16", "rollout.max_new_tokens=32"])
+    assert rc == 0
+    assert [s.log.resets for s in fleet] == [r + 1 for r in resets]
+    summary = json.loads((run_dir / "eval" / "eval.summary.json").read_text())
+    assert summary["problems"] == 2
 
 
 # ----------------------------------------------------------------------------- configuration and preflight
@@ -218,11 +250,14 @@ def test_preflight_allows_rl_with_weight_sync_and_names_it_otherwise():
 
 # ----------------------------------------------------------------------------- end to end
 @pytest.mark.slow
-def test_tirl_train_on_the_fleet(fleet, smol_dir, smol_tokenizer, smol_format, tmp_path):
+def test_tirl_train_on_the_fleet(fleet, smol_dir, smol_tokenizer, smol_format, tmp_path, monkeypatch):
     """`tirl train` (LoRA) with rollouts on both servers: each gets the starting weights and one push of the
     merged weights per RL step, and ends serving the final saved model (which RL changed)."""
     from tirl.cli import main
 
+    import tirl.backends.fleet
+
+    monkeypatch.setattr(tirl.backends.fleet, "WEIGHT_CHUNK_BYTES", CHUNK_BYTES)  # less memory at once
     resets, prompts = [s.log.resets for s in fleet], [len(s.log.prompts) for s in fleet]
     urls = ",".join(s.base_url for s in fleet)
     run_dir = tmp_path / "run"

@@ -72,6 +72,9 @@ class Router:
     def pick(self, request: GenerationRequest) -> int:
         """The server index for `request` (counted as in flight)."""
         n = len(self.in_flight)
+        if n == 1:
+            self.in_flight[0] += 1
+            return 0
         trajectory = trajectory_of(request)
         index = self._assigned.get(trajectory) if trajectory is not None else None
         if index is None:
@@ -94,14 +97,15 @@ class FleetWeights:
     """Pushes weights to every server of a fleet through vLLM's dev-mode HTTP endpoints (module docstring)."""
 
     def __init__(self, base_urls: Sequence[str], weight_dir: str, dtype: torch.dtype, timeout_s: float,
-                 chunk_bytes: int = WEIGHT_CHUNK_BYTES):
+                 chunk_bytes: int | None = None):
         """`weight_dir`: readable by every server under the same path; `dtype`: what floating tensors are
-        cast to; `timeout_s`: per HTTP call (and the `collective_rpc` timeout)."""
+        cast to; `timeout_s`: per HTTP call (and the `collective_rpc` timeout); `chunk_bytes`: largest file
+        (default `WEIGHT_CHUNK_BYTES`)."""
         self.roots = [server_root(u) for u in base_urls]
         self.weight_dir = os.path.abspath(weight_dir)
         self.dtype = dtype
         self.timeout_s = timeout_s
-        self.chunk_bytes = chunk_bytes
+        self.chunk_bytes = chunk_bytes or WEIGHT_CHUNK_BYTES
 
     @torch.no_grad()
     def push(self, state_dict: dict[str, Any]) -> int:

@@ -255,7 +255,8 @@ def max_context(cfg: ModelConfig, model) -> int:
 
 def make_backend(policy: Policy, cfg: Config) -> Generator:
     """The generator named by `backend.name`: hf (a copy of the policy in the compute dtype, in-process),
-    openai (an OpenAI-compatible server; the policy gives the tokenizer), or vllm (in-process engine)."""
+    openai (an OpenAI-compatible server or fleet; the policy gives the tokenizer, and with
+    `backend.openai.weight_sync` its weights, pushed to every server), or vllm (in-process engine)."""
     name = cfg.backend.name
     if name == "openai":
         from tirl.backends.openai import OpenAIBackend
