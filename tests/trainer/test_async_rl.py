@@ -220,3 +220,10 @@ def test_is_cap_without_async_is_refused():
     assert load_config(None, ["rl.max_staleness=2", "rl.is_cap=null"]).rl.is_cap is None
     with pytest.raises(ConfigError, match="max_staleness"):
         load_config(None, ["rl.max_staleness=-1"])
+
+
+def test_preflight_refuses_what_the_asynchronous_mode_cannot_run():
+    from tirl.trainer.build import preflight
+
+    with pytest.raises(ConfigError, match="info_gain"):
+        preflight(load_config(None, ["rl.max_staleness=1", "algorithm.info_gain.enabled=true"]))

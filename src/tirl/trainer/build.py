@@ -90,6 +90,8 @@ def preflight(cfg: Config) -> None:
     check_backend(cfg)
     from tirl.cluster import check_config as check_cluster
     check_cluster(cfg)
+    from tirl.trainer.async_rl import check_config as check_async
+    check_async(cfg)
     if cfg.pipeline.sft and cfg.sft.source == "rollouts":
         from tirl.trainer.sft_data import resolve_paths
         try:
