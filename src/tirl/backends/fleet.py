@@ -34,12 +34,9 @@ from typing import Any
 import torch
 
 from tirl.backends.base import GenerationRequest
+from tirl.backends.vllm import LOAD_METHOD, WEIGHT_CHUNK_BYTES, WORKER_EXTENSION, weight_chunks
 from tirl.errors import TirlError
 
-LOAD_METHOD = "tirl_load_weights"
-WORKER_EXTENSION = "tirl.backends.vllm.TirlWorkerExtension"
-WEIGHT_CHUNK_BYTES = 1 << 30
-"""Largest weight file written per `/collective_rpc` call (bounds the disk and memory used at once)."""
 DEV_MODE_HINT = f"start the server with VLLM_SERVER_DEV_MODE=1 and --worker-extension-cls {WORKER_EXTENSION}"
 REMEMBERED_TRAJECTORIES = 1 << 16
 """Trajectory -> server assignments kept (the oldest are forgotten first)."""
@@ -113,8 +110,6 @@ class FleetWeights:
         files written. Raises `WeightSyncError` naming the first server that failed."""
         import httpx2
         from safetensors.torch import save_file
-
-        from tirl.backends.vllm import weight_chunks
 
         os.makedirs(self.weight_dir, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix="tirl-weights-", dir=self.weight_dir)

@@ -181,8 +181,7 @@ class VLLMBackend:
     def from_policy(cls, policy, cfg) -> VLLMBackend:
         """The engine for `policy` (a `tirl.trainer.build.Policy`) under `cfg` (a `tirl.config.Config`),
         loaded with the policy's current weights."""
-        from tirl.models import loading
-        from tirl.trainer.build import max_context, stop_ids  # here, not at the top: trainer imports backends
+        from tirl.trainer.build import max_context, stop_ids, with_policy_weights  # here: trainer imports backends
 
         vllm = import_vllm()
         if cfg.rollout.temperature > 0 and cfg.rollout.top_p < 1.0:
@@ -200,13 +199,8 @@ class VLLMBackend:
                            gpu_memory_utilization=vcfg.gpu_memory_utilization, max_num_seqs=vcfg.max_num_seqs,
                            enforce_eager=vcfg.enforce_eager, logprobs_mode="processed_logprobs",
                            worker_extension_cls=WORKER_EXTENSION, **vcfg.kwargs)
-        backend = cls(vllm, engine_args, stop_ids(policy), limit, policy.compute_dtype, policy.tokenizer)
-        try:
-            backend.update_weights(loading.merged_state_dict(policy.model))
-        except BaseException:
-            backend.close()
-            raise
-        return backend
+        return with_policy_weights(cls(vllm, engine_args, stop_ids(policy), limit, policy.compute_dtype,
+                                       policy.tokenizer), policy)
 
     async def _start_engine(self, engine_args: dict[str, Any]):
         return self.vllm.AsyncLLMEngine.from_engine_args(self.vllm.AsyncEngineArgs(**engine_args))

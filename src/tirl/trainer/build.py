@@ -265,13 +265,9 @@ def make_backend(policy: Policy, cfg: Config) -> Generator:
 
         backend = OpenAIBackend.from_config(cfg.backend.openai, policy.tokenizer, stop_ids(policy),
                                             policy.fmt.eos_token_id, policy.compute_dtype)
-        if cfg.backend.openai.weight_sync != "none":  # the fleet generates with the weights trained/evaluated here
-            try:
-                backend.update_weights(loading.merged_state_dict(policy.model))
-            except BaseException:
-                backend.close()
-                raise
-        return backend
+        if cfg.backend.openai.weight_sync == "none":
+            return backend
+        return with_policy_weights(backend, policy)  # the fleet generates with the weights trained/evaluated here
     if name == "vllm":
         from tirl.backends.vllm import VLLMBackend
 
@@ -280,7 +276,16 @@ def make_backend(policy: Policy, cfg: Config) -> Generator:
                                        policy.device)
     backend = HFBackend(gen_model, policy.tokenizer, stop_ids(policy), max_context(cfg.model, policy.model),
                         cfg.rollout.max_batch_size, cfg.backend.scheduling)
-    backend.update_weights(loading.merged_state_dict(policy.model))
+    return with_policy_weights(backend, policy)
+
+
+def with_policy_weights(backend: Generator, policy: Policy) -> Generator:
+    """`backend` after loading the policy's weights (LoRA merged); closed if that fails."""
+    try:
+        backend.update_weights(loading.merged_state_dict(policy.model))
+    except BaseException:
+        backend.close()
+        raise
     return backend
 
 
