@@ -292,6 +292,50 @@ def test_tirl_train_on_the_fleet(fleet, smol_dir, smol_tokenizer, smol_format, t
         assert remote.logprobs == pytest.approx(expected.logprobs, abs=1e-4)
 
 
+@pytest.mark.slow
+def test_data_parallel_ranks_push_to_the_fleet_once(fleet, smol_dir, smol_tokenizer, smol_format, tmp_path):
+    """`torchrun` with two ddp ranks generating on the same fleet: rank 0 alone pushes (the start weights,
+    then once per RL step) while the other waits, so each server loads every version once, not once per
+    rank, and ends serving the final model."""
+    import os
+    import subprocess
+    import sys
+
+    resets = [s.log.resets for s in fleet]
+    urls = ",".join(s.base_url for s in fleet)
+    run_dir = tmp_path / "run"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(port), "-m", "tirl.cli", "train", *FLEET_CFG, f"backend.openai.base_url=[{urls}]",
+           f"backend.openai.weight_dir={tmp_path / 'weights'}", f"model.name={smol_dir}", "model.dtype=float32",
+           "model.lora.enabled=true", "model.lora.target_modules=[q_proj,v_proj]", "rl.optim.lr=1e-3",
+           "task.reward=dapo_overlong", "task.reward_kwargs={max_length: 48, cache_length: 44}",
+           "pipeline.eval_before=false", "pipeline.sft=false", "pipeline.eval_after_sft=false",
+           "pipeline.eval_after=false", "rl.steps=2", "rollout.prompts_per_step=2", "rollout.group_size=2",
+           "rollout.max_turns=2", "rollout.max_new_tokens_per_turn=24", "rollout.max_new_tokens=48",
+           "distributed.strategy=ddp", f"run.dir={run_dir}", "run.tensorboard=false"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert [s.log.resets for s in fleet] == [r + 3 for r in resets]  # not r + 6: one push per version
+    rl = [m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if m.get("stage") == "rl"]
+    assert len(rl) == 2 and all(m["gen/weight_updates"] == 1 for m in rl), rl
+
+    from tirl.backends.hf import HFBackend
+    from tirl.models.loading import load_causal_lm
+
+    final = load_causal_lm(str(run_dir / "models" / "final"), torch.float32, "eager", "cpu")
+    assert _changed_tensors(final, smol_dir) > 0
+    local = HFBackend(final, smol_tokenizer, [smol_tokenizer.eos_token_id], max_context=2048)
+    expected = _greedy(local, smol_format)
+    local.close()
+    for remote in _on_each_server(fleet, smol_tokenizer, smol_format):
+        assert remote.token_ids == expected.token_ids
+        assert remote.logprobs == pytest.approx(expected.logprobs, abs=1e-4)
+
+
 def _changed_tensors(model, start_dir) -> int:
     """How many of `model`'s tensors differ from those saved in `start_dir` (read one at a time)."""
     from safetensors import safe_open

@@ -150,6 +150,9 @@ class OpenAIBackend:
         """The server's URL (a fleet's: all of them), as error messages name it."""
         self.router = Router(len(self.base_urls))
         self.weights = weights
+        self.shared_by_ranks = weights is not None
+        """Data-parallel ranks generate on the same servers, so one rank's push serves all
+        (`tirl.trainer.distributed.push_weights`)."""
         self.model = model
         self.endpoint: str | None = None if endpoint == "auto" else endpoint
         """The endpoint in use: completions or chat (None until `auto` has probed)."""

@@ -280,7 +280,12 @@ def make_backend(policy: Policy, cfg: Config) -> Generator:
 
 
 def with_policy_weights(backend: Generator, policy: Policy) -> Generator:
-    """`backend` after loading the policy's weights (LoRA merged); closed if that fails."""
+    """`backend` after loading the policy's weights (LoRA merged); closed if that fails. Servers shared by
+    data-parallel ranks (`shared_by_ranks`) are loaded by rank 0 alone (the RL loop then waits for it)."""
+    from tirl.trainer import distributed
+
+    if getattr(backend, "shared_by_ranks", False) and not distributed.world().is_main:
+        return backend
     try:
         backend.update_weights(loading.merged_state_dict(policy.model))
     except BaseException:

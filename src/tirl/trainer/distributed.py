@@ -346,19 +346,20 @@ def _renumber_group(g, step: int, offset: int):
 
 
 def sum_generation_metrics(metrics: dict[str, float], w: World) -> dict[str, float]:
-    """Backend metrics of all ranks: counts (`gen/tokens`, ...) summed, the rest averaged."""
+    """Backend metrics of all ranks: counts (`gen/tokens`, `gen/weight_updates`, ...) summed, times
+    (`time/*`: the ranks generate at once) the slowest rank's, the rest averaged."""
     if not w.enabled:
         return metrics
     parts = all_gather(metrics, w)
     out = {}
     for k in parts[0]:
-        total = sum(p.get(k, 0.0) for p in parts)
-        out[k] = total if _is_count(k) else total / w.size
+        values = [p.get(k, 0.0) for p in parts]
+        out[k] = sum(values) if _is_count(k) else max(values) if k.startswith("time/") else sum(values) / w.size
     return out
 
 
 def _is_count(key: str) -> bool:
-    return key.endswith(("tokens", "requests", "calls", "sequences")) or key.endswith("_count")
+    return key.endswith(("tokens", "requests", "calls", "sequences", "updates")) or key.endswith("_count")
 
 
 # ----------------------------------------------------------------------------- model and gradients
@@ -481,6 +482,17 @@ def generation_weights(model, w: World) -> dict[str, Any]:
     if not w.sharded:
         return merged_state_dict(model)
     return {k: _full(v).detach() for k, v in model.state_dict().items()}
+
+
+def push_weights(backend, weights: dict[str, Any], w: World) -> None:
+    """`backend.update_weights(weights)`; when the ranks' backends share their servers (an openai fleet with
+    weight sync: `backend.shared_by_ranks`), rank 0 alone pushes and the others wait for it."""
+    if not (w.enabled and getattr(backend, "shared_by_ranks", False)):
+        backend.update_weights(weights)
+        return
+    if w.is_main:
+        backend.update_weights(weights)
+    barrier()
 
 
 def full_model_state(model, w: World) -> dict[str, torch.Tensor]:

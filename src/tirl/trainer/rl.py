@@ -125,6 +125,7 @@ def run_rl(cfg: Config, policy: Policy, task: Task, tools: ToolSet, reward_fn: R
     if world.is_main:
         _drop_after(traj_dir, state["step"])
     backend = make_backend(policy, cfg) if not cfg.cluster.enabled else _start_rollout_pool(cfg, policy)
+    distributed.barrier()  # servers shared by the ranks: rank 0 has loaded the starting weights
     distributed.prepare_model(policy.model, world, stage)  # after resume: fsdp2 shards the restored weights
     strategy = build_strategy(cfg) if not cfg.cluster.enabled else backend.strategy(cfg)
     strategy.load_state_dict(state.get("strategy", {}))
@@ -198,7 +199,7 @@ def _sync_steps(run: _Run, start: int) -> None:
                 out.metrics.update(gain)
             t1 = time.monotonic()
             metrics = train_on(run.learner, out.groups, step, cfg, run.settings) if out.groups else {"train/skipped": 1.0}
-            backend.update_weights(distributed.generation_weights(policy.model, world))
+            distributed.push_weights(backend, distributed.generation_weights(policy.model, world), world)
             t2 = time.monotonic()
             gen = distributed.sum_generation_metrics(backend.metrics_since(snapshot), world)
             metrics.update(gen)
