@@ -304,11 +304,7 @@ def test_data_parallel_ranks_push_to_the_fleet_once(fleet, smol_dir, smol_tokeni
     resets = [s.log.resets for s in fleet]
     urls = ",".join(s.base_url for s in fleet)
     run_dir = tmp_path / "run"
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(port), "-m", "tirl.cli", "train", *FLEET_CFG, f"backend.openai.base_url=[{urls}]",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "tirl.cli", "train", *FLEET_CFG, f"backend.openai.base_url=[{urls}]",
            f"backend.openai.weight_dir={tmp_path / 'weights'}", f"model.name={smol_dir}", "model.dtype=float32",
            "model.lora.enabled=true", "model.lora.target_modules=[q_proj,v_proj]", "rl.optim.lr=1e-3",
            "task.reward=dapo_overlong", "task.reward_kwargs={max_length: 48, cache_length: 44}",

@@ -14,7 +14,6 @@ import copy
 import dataclasses
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -104,16 +103,9 @@ def _rank_update(model_dir: str, out: str, strategy: str, max_grad_norm: str, lo
 # ----------------------------------------------------------------------------- helpers
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(args: list[str], cwd: Path | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
@@ -193,8 +185,8 @@ def _env(tmp_path: Path) -> dict[str, str]:
 def _launcher(ranks: int) -> list[str]:
     if ranks == 1:
         return [sys.executable]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-addr",
-            "127.0.0.1", "--master-port", str(_free_port())]
+    # --standalone: the rendezvous picks a free port itself (a port chosen here could be taken meanwhile)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)]
 
 
 @pytest.fixture(scope="module")
