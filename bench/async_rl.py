@@ -2,11 +2,13 @@
 
     python bench/async_rl.py [--steps 5] [--staleness 1] [key=value ...]
 
-Runs `tirl train` twice in fresh directories, RL only (no SFT, no evaluations), with the same seed and
-settings: once synchronous (`rl.max_staleness=0`), once asynchronous (`rl.max_staleness=K`). Prints for
-each the median step time after the first step, split into the rollout, the trainer's wait for its
-batch, and the update, with the mean reward; then the asynchronous step time as a ratio of the
-synchronous one. Extra `key=value` arguments go to both runs (e.g. `backend.name=...`).
+First the default SFT cold start (`tirl sft`, not timed; `--no-sft` skips it), so that the RL updates
+have rewards to learn from (from the raw model every reward is 0 and the update has nothing to do).
+Then `tirl train` twice from that model in fresh directories, RL only (no evaluations), with the same
+seed and settings: once synchronous (`rl.max_staleness=0`), once asynchronous (`rl.max_staleness=K`).
+Prints for each the median step time after the first step, split into the rollout, the trainer's wait
+for its batch, and the update, with the mean reward; then the asynchronous step time as a ratio of the
+synchronous one. Extra `key=value` arguments go to every run (e.g. `backend.name=...`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,16 @@ import time
 from pathlib import Path
 
 KEYS = ("time/step_s", "time/rollout_s", "time/wait_s", "time/update_s", "reward/mean")
+
+
+def cold_start(extra: list[str], root: Path) -> str:
+    """`tirl sft` with its defaults; the trained model's directory."""
+    run_dir = root / "sft"
+    done = subprocess.run([sys.executable, "-m", "tirl.cli", "sft", f"run.dir={run_dir}", "run.tensorboard=false",
+                           *extra], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"tirl sft failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return str(run_dir / "models" / "sft")
 
 
 def run(staleness: int, steps: int, extra: list[str], root: Path) -> tuple[list[dict], float]:
@@ -48,9 +60,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--staleness", type=int, default=1)
+    parser.add_argument("--no-sft", dest="sft", action="store_false", help="start RL from the raw model")
     args, extra = parser.parse_known_args()
     with tempfile.TemporaryDirectory(prefix="tirl-bench-async-") as tmp:
-        results = {k: run(k, args.steps, extra, Path(tmp)) for k in (0, args.staleness)}
+        start = [f"model.name={cold_start(extra, Path(tmp))}"] if args.sft else []
+        results = {k: run(k, args.steps, [*extra, *start], Path(tmp)) for k in (0, args.staleness)}
     print(f"{'mode':<14} {'step s':>8} {'rollout s':>10} {'wait s':>8} {'update s':>9} {'reward':>7} {'run s':>7}")
     for k, (rows, wall) in results.items():
         m = medians(rows)
