@@ -146,3 +146,74 @@ def test_policy_settings_reach_the_tool_set():
     tools = build_toolset(["calculator"], {"calculator": {"timeout_s": 3, "max_concurrency": 2, "retries": 1}})
     assert tools.policy("calculator") == ExecutionPolicy(3.0, 2, 1, 0.5)
     assert tools.describe()["calculator"]["policy"]["max_concurrency"] == 2
+
+
+class Counting(Tool):
+    name, description = "count", "Counts its runs."
+    parameters = {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}
+
+    def __init__(self):
+        self.runs = 0
+
+    async def run(self, x: int) -> str:
+        self.runs += 1
+        return str(x)
+
+
+def _statuses(tools: ToolSet, n: int) -> list[ToolStatus]:
+    async def calls():
+        return [(await tools.execute(call("count", x=i))).status for i in range(n)]
+    return asyncio.run(calls())
+
+
+def test_injected_faults_follow_the_sessions_seeded_generator_and_never_run_the_tool():
+    """Call i fails iff the i-th draw of random.Random(seed) is below the rate; a failed call does not run."""
+    import random
+
+    counting = Counting()
+    shared = ToolSet([counting])
+    got = _statuses(shared.session(0.3, fault_seed=7), 40)
+    rng = random.Random(7)
+    expected = [ToolStatus.EXECUTION_ERROR if rng.random() < 0.3 else ToolStatus.OK for _ in range(40)]
+    assert got == expected and 5 <= expected.count(ToolStatus.EXECUTION_ERROR) <= 20
+    assert counting.runs == expected.count(ToolStatus.OK)
+    assert _statuses(shared.session(0.3, fault_seed=7), 40) == expected        # reproducible
+    assert _statuses(shared.session(0.3, fault_seed=8), 40) != expected        # per-seed
+    assert set(_statuses(shared, 10)) == {ToolStatus.OK}                        # the shared set: no faults
+    assert set(_statuses(shared.session(1.0), 5)) == {ToolStatus.EXECUTION_ERROR}
+    result = asyncio.run(shared.session(1.0).execute(call("count", x=1)))
+    assert result.content == "Error: the count service is temporarily unavailable (503); the call did not run, try it again"
+    bad = asyncio.run(shared.session(1.0).execute(call("count", x="one")))      # invalid calls fail as before
+    assert bad.status == ToolStatus.VALIDATION_ERROR
+    with pytest.raises(ValueError, match="fault_rate"):
+        shared.session(1.5)
+
+
+def test_tool_fault_rate_config_reaches_every_env_with_a_seed_per_problem_and_sample(monkeypatch):
+    """rollout.tool_fault_rate: the n-th env of a problem gets the seed of (problem id, n) whatever came
+    in between, so two runs that sample a problem in the same order see the same faults."""
+    import tirl.trainer.build as build
+    from tirl.tasks import TASKS
+
+    with pytest.raises(ConfigError, match="tool_fault_rate"):
+        load_config(overrides=["rollout.tool_fault_rate=1.5"])
+    task = TASKS.get("arithmetic")()
+    cfg = load_config(overrides=["rollout.tool_fault_rate=0.5"])
+    [p, q] = task.heldout()[:2]
+    monkeypatch.setattr(build, "template_supports_tools", lambda tokenizer, template: True)
+    fmt = type("Fmt", (), {"tokenizer": None, "template": "", "name": "chatml-tools"})()
+
+    def pattern(order):
+        make = build.EnvFactory(task, build_toolset(["calculator"], {}), cfg, fmt)
+        return [[s == ToolStatus.OK for s in _statuses_of(make(problem).tools, "calculator", 12)] for problem in order]
+
+    a, b = pattern([p, p, q]), pattern([q, p, p])
+    assert a[0] == b[1] and a[1] == b[2] and a[2] == b[0] and a[0] != a[1]
+    assert 0 < sum(map(sum, a)) < 36
+
+
+def _statuses_of(tools: ToolSet, name: str, n: int) -> list[ToolStatus]:
+    async def calls():
+        return [(await tools.execute(ToolCall(id="c", name=name, arguments={"expression": "1+1"}))).status
+                for _ in range(n)]
+    return asyncio.run(calls())

@@ -227,3 +227,11 @@ def test_preflight_refuses_what_the_asynchronous_mode_cannot_run():
 
     with pytest.raises(ConfigError, match="info_gain"):
         preflight(load_config(None, ["rl.max_staleness=1", "algorithm.info_gain.enabled=true"]))
+
+
+def test_a_sampled_token_budget_needs_synchronous_rl():
+    with pytest.raises(ConfigError, match="rl.max_sampled_tokens needs synchronous RL"):
+        load_config(None, ["rl.max_staleness=1", "rl.max_sampled_tokens=1000"])
+    with pytest.raises(ConfigError, match="max_sampled_tokens"):
+        load_config(None, ["rl.max_sampled_tokens=0"])
+    assert load_config(None, ["rl.max_sampled_tokens=1000"]).rl.max_sampled_tokens == 1000

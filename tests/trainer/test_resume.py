@@ -132,6 +132,24 @@ def test_asynchronous_run_resumes_exactly(tmp_path, tiny_model_dir, k):
     assert any(abs(r["async/kl_sample_old"]) > 1e-6 for r in a[k:])
 
 
+def test_sampled_token_budget_stops_after_the_step_that_reaches_it_also_after_a_resume(tmp_path, tiny_model_dir):
+    """rl.max_sampled_tokens: a run stops after the step at which the generated tokens (gen/tokens summed,
+    logged as gen/tokens_total) reach the budget; the count is in the checkpoint, so a resumed run stops at
+    the same step; up to there it is the unbudgeted run."""
+    base = _command(tiny_model_dir)[:-1] + ["run.seed=7", "pipeline.sft=false"]
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    subprocess.run(base, cwd=probe, env=_env(tmp_path), check=True, capture_output=True, timeout=600)
+    unbudgeted = _metrics(probe / "runs" / "default")
+    totals = [r["gen/tokens_total"] for r in unbudgeted]
+    assert totals == pytest.approx([sum(r["gen/tokens"] for r in unbudgeted[:i + 1]) for i in range(6)])
+    budget = int(totals[3]) - 1  # reached by the 4th step, not by the 3rd
+    straight, run_dir, out = _kill_and_resume(tmp_path, base + [f"rl.max_sampled_tokens={budget}"], kill_after=2)
+    a, b = _metrics(straight), _metrics(run_dir)
+    assert len(a) == 4 and a == b and a == unbudgeted[:4]
+    assert (run_dir / "models" / "final" / "config.json").exists()
+
+
 def test_rerunning_a_finished_run_is_an_error(tmp_path, tiny_model_dir):
     env = _env(tmp_path)
     cmd = _command(tiny_model_dir)[:-1] + ["run.seed=4", "rl.steps=1", "pipeline.sft=false"]

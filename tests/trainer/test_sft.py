@@ -17,7 +17,7 @@ from tirl.backends.scripted import ScriptedBackend
 from tirl.cli import main
 from tirl.config import ModelConfig, SFTConfig
 from tirl.envs.tool_env import ToolEnv
-from tirl.errors import ResumeError
+from tirl.errors import ConfigError, ResumeError
 from tirl.rollout.agent import TurnLimits, run_trajectory
 from tirl.rollout.io import append_jsonl
 from tirl.tasks import TASKS
@@ -208,3 +208,17 @@ def test_tirl_sft_rejection_sampling_with_mae_and_pkt(in_tmp, tiny_model_dir, sm
     assert data["tokens"] == sum(right.loss_mask) + sum(trajs[3].loss_mask) - (bad.gen_end - bad.gen_start)
     [step] = _records(run)
     assert step["train/tokens"] == data["tokens"] and step["train/loss"] != pytest.approx(step["train/nll"])
+
+
+def test_a_run_without_tools_gets_direct_answer_traces(policy):
+    """task.tools=[] (the text-only baseline): the tool-free system prompt, no call, the answer; and a
+    reference call naming a tool the run lacks is a ConfigError naming it."""
+    task = TASKS.get("arithmetic")()
+    [seq] = build_sft_data(task, build_toolset([], {}), policy, 1)
+    problem = task.sft_problems(1)[0]
+    text = policy.fmt.tokenizer.decode(list(seq.prompt_ids) + list(seq.response_ids))
+    assert task.system_prompt(False) in text and "calculator" not in text and "<tool_call>" not in text
+    assert text.rstrip().endswith(task.final_answer_text(problem) + "<|im_end|>")
+    assert sum(seq.loss_mask) == len(seq.loss_mask)
+    with pytest.raises(ConfigError, match="calls tool 'calculator'.*task.tools"):
+        build_sft_data(task, build_toolset(["python"], {}), policy, 1)

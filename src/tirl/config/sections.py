@@ -126,6 +126,9 @@ class RolloutConfig(_Section):
     max_new_tokens: int = Field(128, ge=1, description="Sampled tokens per trajectory, all turns.")
     tool_timeout_s: float = Field(10.0, gt=0)
     max_tool_output_chars: int = Field(1000, ge=16)
+    tool_fault_rate: float = Field(0.0, ge=0.0, le=1.0, description=(
+        "Share of valid tool calls that fail with an injected 'service unavailable' error instead of running "
+        "(error-recovery experiments; evaluation too). Each trajectory draws from its own seeded generator."))
     max_batch_size: int = Field(128, ge=1, description="Generation batch size (hf backend).")
     stall_timeout_s: float = Field(600.0, gt=0, description="Abort a rollout after this long without progress, "
                                                            "with a report of which trajectories are stuck where.")
@@ -253,11 +256,17 @@ class RLConfig(_Section):
     is_cap: float | None = Field(2.0, gt=0, description=(
         "Asynchronous mode: truncation C of each token's importance weight min(pi_old / pi_sample, C) "
         "(null: untruncated)."))
+    max_sampled_tokens: int | None = Field(None, ge=1, description=(
+        "Stop after the step at which the tokens generated so far (the backend's gen/tokens, summed over "
+        "steps) reach this: compute-matched comparisons of rollout strategies. rl.steps stays the most steps "
+        "(and sets the learning-rate schedule)."))
 
     @model_validator(mode="after")
     def _is_cap_needs_async(self) -> RLConfig:
         if self.max_staleness == 0 and self.is_cap != 2.0:
             raise ValueError("rl.is_cap has no effect unless rl.max_staleness >= 1")
+        if self.max_staleness and self.max_sampled_tokens is not None:
+            raise ValueError("rl.max_sampled_tokens needs synchronous RL (rl.max_staleness=0)")
         return self
 
 

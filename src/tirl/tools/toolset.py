@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import random
 import time
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
@@ -27,6 +28,10 @@ from typing import Any
 
 from tirl.tools.base import Tool, ToolArgumentError, TransientToolError, check_tool, describe_exception, error_result
 from tirl.types import ToolCall, ToolResult, ToolStatus
+
+
+FAULT_MESSAGE = "the {name} service is temporarily unavailable (503); the call did not run, try it again"
+"""What an injected fault tells the model (after `Error: `); see `ToolSet.session`."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +77,7 @@ class ToolSet:
         """Per event loop (a run uses one loop per stage), per limited tool."""
         self._shared: dict[str, Tool] = dict(self._tools)
         """The tools as built (a session view holds per-trajectory instances in `_tools`)."""
+        self._fault_rate, self._faults = 0.0, random.Random(0)
 
     @property
     def names(self) -> list[str]:
@@ -107,14 +113,20 @@ class ToolSet:
 
     # --- sessions and lifetime ---------------------------------------------------------------------
 
-    def session(self) -> ToolSet:
+    def session(self, fault_rate: float = 0.0, fault_seed: int = 0) -> ToolSet:
         """The view one trajectory uses: per-trajectory instances where a tool has sessions.
 
         Policies and concurrency limits are shared with this set. Call `aclose()` when done.
+        `fault_rate` > 0 injects failures: each valid call, in the order the calls are made, fails with
+        that probability (a `random.Random(fault_seed)` draw) with `FAULT_MESSAGE` as an execution error,
+        without running the tool.
         """
+        if not 0.0 <= fault_rate <= 1.0:
+            raise ValueError(f"fault_rate must be in [0, 1], got {fault_rate}")
         view = object.__new__(ToolSet)
         view._policies, view._semaphores, view._shared = self._policies, self._semaphores, self._shared
         view._tools = {name: t.session() for name, t in self._shared.items()}
+        view._fault_rate, view._faults = fault_rate, random.Random(fault_seed)
         return view
 
     async def aclose(self) -> None:
@@ -158,6 +170,8 @@ class ToolSet:
             return error_result(call.id, t.name, ToolStatus.VALIDATION_ERROR, message)
         except Exception as e:  # a faulty custom `validate`: still not the caller's crash
             return error_result(call.id, t.name, ToolStatus.EXECUTION_ERROR, describe_exception(e))
+        if self._fault_rate and self._faults.random() < self._fault_rate:
+            return error_result(call.id, t.name, ToolStatus.EXECUTION_ERROR, FAULT_MESSAGE.format(name=t.name))
         policy = self._policies[t.name]
         timeout_s = policy.timeout_s or t.timeout_s or default_timeout_s
         semaphore = self._semaphore(t.name)

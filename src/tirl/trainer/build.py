@@ -7,6 +7,7 @@ the first second with a message naming the key.
 
 from __future__ import annotations
 
+import collections
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import torch
 
 from tirl.algorithms import ADVANTAGES, KL_KINDS, POLICY_LOSSES
 from tirl.algorithms.tree import TREE_ESTIMATORS
-from tirl.backends.base import Generator
+from tirl.backends.base import Generator, derive_seed
 from tirl.backends.hf import HFBackend
 from tirl.chat.format import ChatFormat, load_chat_format, template_supports_tools
 from tirl.config import Config, ModelConfig, TaskConfig
@@ -313,15 +314,17 @@ def turn_limits(cfg: Config, model) -> TurnLimits:
 
 class EnvFactory:
     """Makes one env per trajectory (`Task.make_env`; a `ToolEnv` by default); `with_tools=False` is the
-    no-tool baseline."""
+    no-tool baseline, and so is a run without tools (`task.tools=[]` on a task whose problems bring none)."""
 
     def __init__(self, task: Task, tools: ToolSet, cfg: Config, fmt: ChatFormat, with_tools: bool = True):
         self.task = task
-        self.with_tools = with_tools
+        self.with_tools = with_tools and bool(len(tools) or task.problem_tools)
         self.tools = tools if with_tools else ToolSet([])
         r = cfg.rollout
         self.limits = ToolLimits(max_tool_calls=r.max_tool_calls, timeout_s=r.tool_timeout_s,
                                  max_output_chars=r.max_tool_output_chars)
+        self.fault_rate = r.tool_fault_rate
+        self._made: collections.Counter[str] = collections.Counter()
         shows_tools = len(self.tools) or (with_tools and task.problem_tools)
         if shows_tools and not template_supports_tools(fmt.tokenizer, fmt.template):
             what = f"tools {self.tools.names} are configured" if len(self.tools) else f"task {task.name!r} gives tools"
@@ -329,5 +332,9 @@ class EnvFactory:
                               "model.chat_template=auto or chatml-tools")
 
     def __call__(self, problem: Problem) -> Env:
-        """A new env with its own session view of the tools (closed with the env)."""
-        return self.task.make_env(problem, self.tools.session(), self.limits, self.with_tools)
+        """A new env with its own session view of the tools (closed with the env). With
+        `rollout.tool_fault_rate` the n-th env of a problem draws its faults from a generator seeded by
+        (problem id, n): the same faults for every run that samples the problem in the same order."""
+        n, self._made[problem.id] = self._made[problem.id], self._made[problem.id] + 1
+        session = self.tools.session(self.fault_rate, derive_seed("tool_faults", problem.id, n))
+        return self.task.make_env(problem, session, self.limits, self.with_tools)

@@ -136,7 +136,7 @@ def run_rl(cfg: Config, policy: Policy, task: Task, tools: ToolSet, reward_fn: R
         if cfg.rl.max_staleness:
             _async_steps(run, state)
         else:
-            _sync_steps(run, state["step"])
+            _sync_steps(run, state["step"], state.get("sampled_tokens", 0.0))
     finally:
         backend.close()
     if learner.critic is not None and world.is_main:
@@ -180,11 +180,15 @@ class _Run:
         self.learner.stage.step_done(step + 1, metrics, state)
 
 
-def _sync_steps(run: _Run, start: int) -> None:
-    """Rollout, update, weights to the backend, one step after the other."""
+def _sync_steps(run: _Run, start: int, sampled: float) -> None:
+    """Rollout, update, weights to the backend, one step after the other; `sampled` tokens generated before
+    `start` count towards `rl.max_sampled_tokens`."""
     cfg, policy, backend, world = run.cfg, run.policy, run.backend, distributed.world()
+    budget = cfg.rl.max_sampled_tokens
     with asyncio.Runner() as runner:
         for step in range(start, cfg.rl.steps):
+            if budget is not None and sampled >= budget:
+                break
             t0 = time.monotonic()
             snapshot = backend.metrics_snapshot()
             take, prompts, ctx = distributed.shard_rollout(run.data.take, cfg.rollout.prompts_per_step,
@@ -205,7 +209,9 @@ def _sync_steps(run: _Run, start: int) -> None:
             metrics.update(gen)
             metrics.update({"time/rollout_s": t1 - t0, "time/update_s": t2 - t1,
                             "speed/tokens_per_s": gen.get("gen/tokens", 0.0) / (t1 - t0)})
-            run.finish_step(step, out, metrics, run.state())
+            sampled += gen.get("gen/tokens", 0.0)
+            metrics["gen/tokens_total"] = sampled
+            run.finish_step(step, out, metrics, {**run.state(), "sampled_tokens": sampled})
 
 
 def _async_steps(run: _Run, state: dict[str, Any]) -> None:

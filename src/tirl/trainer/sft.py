@@ -28,7 +28,7 @@ import torch
 from tirl.backends.base import derive_seed
 from tirl.chat.format import SFTSequence
 from tirl.config import Config, SFTConfig
-from tirl.errors import ResumeError
+from tirl.errors import ConfigError, ResumeError
 from tirl.tasks.base import Problem, Task
 from tirl.tools import ToolSet
 from tirl.trainer import distributed
@@ -42,9 +42,18 @@ from tirl.types import Message
 
 
 async def reference_conversation(task: Task, tools: ToolSet, problem: Problem) -> list[Message]:
-    """system, user, (assistant call, tool result)*, assistant answer: with real tool outputs."""
-    msgs = [Message("system", task.system_prompt(True)), Message("user", problem.question)]
-    for call in problem.reference_calls:
+    """system, user, (assistant call, tool result)*, assistant answer: with real tool outputs.
+
+    A run without tools (`task.tools=[]` on a task whose problems bring none: the text-only baseline)
+    gets the direct answer instead: the tool-free system prompt, no calls. A reference call naming a tool
+    the run does not have is a `ConfigError`."""
+    with_tools = bool(len(tools)) or task.problem_tools
+    msgs = [Message("system", task.system_prompt(with_tools)), Message("user", problem.question)]
+    for call in problem.reference_calls if with_tools else ():
+        if call.name not in tools and not task.problem_tools:
+            raise ConfigError(f"the SFT trace of problem {problem.id!r} calls tool {call.name!r}, which this run "
+                              f"does not have (task.tools: {tools.names}); add it, or set task.tools=[] for "
+                              "direct-answer traces")
         result = await tools.execute(call)
         if not result.ok:
             raise ValueError(f"reference call {call} of problem {problem.id!r} failed: {result.content}")
@@ -62,7 +71,7 @@ def build_sft_data(task: Task, tools: ToolSet, policy: Policy, count: int) -> li
         return await asyncio.gather(*(reference_conversation(task, tools, p) for p in problems))
 
     convs = asyncio.run(all_convs())
-    return [policy.fmt.sft_sequence(c, tools.schemas()) for c in convs]
+    return [policy.fmt.sft_sequence(c, tools.schemas() or None) for c in convs]
 
 
 def build_examples(cfg: SFTConfig, policy: Policy, task: Task, tools: ToolSet) -> tuple[list[SFTExample], dict]:
