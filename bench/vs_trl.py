@@ -28,7 +28,8 @@ Both get the same settings:
 - learning: AdamW at `--lr` (constant, no warm-up, grad-norm clip 1.0), GRPO advantages (group mean and
   std), the clipped surrogate averaged over all tokens of the batch (tirl: algorithm.aggregation=token-mean;
   TRL: loss_type="dapo"), no KL (TRL: beta=0), one epoch, no gradient checkpointing; the same seed and
-  torch threads.
+  torch threads; `--lora R`: LoRA adapters of rank R (alpha 2R, every linear layer, no dropout) in both
+  (TRL: peft_config), the base weights frozen.
 
 Where the comparison cannot be exact (read the numbers with these in mind):
 
@@ -94,6 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="start both from the raw model instead of tirl's SFT cold start of it")
     p.add_argument("--sft-examples", type=int, help="examples of the cold start (default: tirl's sft.examples)")
     p.add_argument("--only", choices=("tirl", "trl"), help="run one framework only")
+    p.add_argument("--lora", type=int, metavar="R", help="train LoRA adapters of rank R (alpha 2R, all linear "
+                                                          "layers, no dropout) instead of every weight")
     p.add_argument("--workdir", type=Path, help="keep the runs and their logs here (default: a temporary directory)")
     p.add_argument("--trl-worker", metavar="SETTINGS_JSON", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -147,6 +150,9 @@ def tirl_command(args: argparse.Namespace, run_dir: Path) -> list[str]:
         "algorithm.aggregation": "token-mean", "algorithm.kl_coef": 0.0, "algorithm.epochs": 1,
         "algorithm.minibatches": 1,
     }
+    if args.lora:
+        overrides.update({"model.lora.enabled": "true", "model.lora.r": args.lora, "model.lora.alpha": 2 * args.lora,
+                          "model.lora.dropout": 0.0, "model.lora.target_modules": "all-linear"})
     return [sys.executable, "-m", "tirl.cli", "train", *(f"{k}={v}" for k, v in overrides.items())]
 
 
@@ -319,6 +325,15 @@ def trl_config(settings: dict):
         save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, log_completions=False)
 
 
+def trl_lora(rank: int | None):
+    """peft's LoraConfig with tirl's `--lora` settings, or None (full fine-tuning)."""
+    if not rank:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+
+
 def trl_tokenizer(model_dir: str):
     """The model's tokenizer with tirl's chatml-tools template and TRL's parser for its tool calls."""
     from transformers import AutoTokenizer
@@ -354,7 +369,7 @@ def trl_worker(settings_path: str) -> int:
     trainer = timed_trainer_class(clock)(
         model=model_dir, reward_funcs=[trl_reward(clock)], args=trl_config(settings),
         train_dataset=trl_dataset(settings), processing_class=trl_tokenizer(model_dir),
-        tools=[trl_calculator(clock)], callbacks=[StepEnd()])
+        tools=[trl_calculator(clock)], callbacks=[StepEnd()], peft_config=trl_lora(settings["lora"]))
     trainer.train()
     Path(settings["out"]).write_text(json.dumps(clock.rows))
     return 0
@@ -406,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         return trl_worker(args.trl_worker)
     if args.only != "tirl":
         check_trl_installed()
-    print(f"model {args.model} ({args.dtype}), {args.prompts} prompts x {args.group_size} samples, "
+    print(f"model {args.model} ({args.dtype}{f', LoRA r{args.lora}' if args.lora else ''}), {args.prompts} prompts x {args.group_size} samples, "
           f"<= {args.max_tokens} sampled tokens and {args.max_turns} turns per trajectory, lr {args.lr}, "
           f"{args.steps} steps, {args.threads} threads; medians over steps 2..{args.steps}", flush=True)
     results = {}

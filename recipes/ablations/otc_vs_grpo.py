@@ -23,53 +23,24 @@ Paired bootstrap (over held-out problems) gives 95% intervals of the differences
 from __future__ import annotations
 
 import argparse
-import json
-import random
-import subprocess
 import sys
 from pathlib import Path
 
-from tirl.rollout.io import read_jsonl
+from common import evaluate, flat, paired_bootstrap, problems, train, write_summary
 
 COMMON = ["task.kwargs.check=0.85", "rollout.max_turns=4", "rollout.max_tool_calls=3", "eval.no_tools=false"]
 SFT = ["sft.examples=96", "sft.epochs=2"]  # the default 48 x 1 teaches the first call but rarely the check
 ARMS = {"grpo": [], "otc_grpo": ["task.reward=otc_grpo", "task.reward_kwargs.c=3"]}
-
-
 SAMPLED = ["eval.temperature=1.0", "eval.samples=4"]
 
 
-def tirl(command: str, run_dir: Path, overrides: list[str]) -> None:
-    cmd = [sys.executable, "-m", "tirl.cli", command, f"run.dir={run_dir}", *COMMON, *overrides]
-    print("+", " ".join(cmd[2:]), flush=True)
-    subprocess.run(cmd, check=True)
-
-
-def per_problem(path: Path) -> dict[str, list[tuple[bool, int]]]:
-    """task id -> (correct, tool calls) of each of its samples."""
-    out: dict[str, list[tuple[bool, int]]] = {}
-    for t in read_jsonl(path):
-        out.setdefault(t.meta.task_id, []).append((bool(t.correct), len(t.tool_results)))
-    return out
-
-
-def stats(problems: list[list[tuple[bool, int]]]) -> dict[str, float]:
-    rows = [sample for samples in problems for sample in samples]
-    solved = [calls for ok, calls in rows if ok]
-    calls = sum(c for _, c in rows)
-    return {"accuracy": len(solved) / len(rows), "calls_per_problem": calls / len(rows),
+def stats(rows) -> dict[str, float]:
+    ts = flat(rows)
+    solved = [len(t.tool_results) for t in ts if t.correct]
+    calls = sum(len(t.tool_results) for t in ts)
+    return {"accuracy": len(solved) / len(ts), "calls_per_problem": calls / len(ts),
             "calls_per_solved": sum(solved) / len(solved) if solved else float("nan"),
             "tool_productivity": len(solved) / calls if calls else float("nan")}
-
-
-def paired_bootstrap(a: dict, b: dict, key: str, draws: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% interval of stats(b)[key] - stats(a)[key], resampling problems (both arms together)."""
-    ids, rng, diffs = sorted(a), random.Random(seed), []
-    for _ in range(draws):
-        pick = [rng.choice(ids) for _ in ids]
-        diffs.append(stats([b[i] for i in pick])[key] - stats([a[i] for i in pick])[key])
-    diffs.sort()
-    return diffs[int(0.025 * draws)], diffs[int(0.975 * draws) - 1]
 
 
 def main() -> int:
@@ -79,39 +50,34 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("runs/otc_vs_grpo"))
     ap.add_argument("overrides", nargs="*", help="extra key=value overrides for every stage")
     args = ap.parse_args()
-    out, seed = args.out, [f"run.seed={args.seed}", *args.overrides]
-    sft = out / "sft"
-    if not (sft / "results.json").exists():
-        tirl("train", sft, [*seed, *SFT, "pipeline.rl=false", "pipeline.eval_before=false"])
+    out, seed = args.out, [*COMMON, f"run.seed={args.seed}", *args.overrides]
+    sft = train(out / "sft", [*seed, *SFT, "pipeline.rl=false", "pipeline.eval_before=false"])
     models = {"sft": sft / "models" / "sft"}
     for arm, extra in ARMS.items():
-        if not (out / arm / "results.json").exists():
-            tirl("train", out / arm, [*seed, f"model.name={models['sft']}", "pipeline.sft=false",
-                                      "pipeline.eval_before=false", f"rl.steps={args.steps}", *extra])
+        train(out / arm, [*seed, f"model.name={models['sft']}", "pipeline.sft=false", "pipeline.eval_before=false",
+                          f"rl.steps={args.steps}", *extra])
         models[arm] = out / arm / "models" / "final"
-    for name, model in models.items():
-        if not (out / f"{name}_sampled" / "results.json").exists():
-            tirl("train", out / f"{name}_sampled", [*seed, f"model.name={model}", "pipeline.sft=false",
-                                                    "pipeline.rl=false", "eval.no_tools=false", *SAMPLED])
-    greedy = {"sft": per_problem(sft / "eval" / "sft.jsonl"),
-              **{arm: per_problem(out / arm / "eval" / "final.jsonl") for arm in ARMS}}
-    sampled = {name: per_problem(out / f"{name}_sampled" / "eval" / "eval.jsonl") for name in models}
+    sampled = {name: problems(evaluate(out / f"{name}_sampled", model, [*seed, *SAMPLED]) / "eval" / "eval.jsonl")
+               for name, model in models.items()}
+    greedy = {"sft": problems(sft / "eval" / "sft.jsonl"),
+              **{arm: problems(out / arm / "eval" / "final.jsonl") for arm in ARMS}}
     summary = {"greedy": compare(greedy), "sampled": compare(sampled), "steps": args.steps, "seed": args.seed}
     for mode in ("greedy", "sampled"):
         show(mode, summary[mode])
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_summary(out, summary)
     return 0
 
 
 def compare(evals: dict[str, dict[str, list[tuple[bool, int]]]]) -> dict:
     table = {name: stats(list(rows.values())) for name, rows in evals.items()}
+    key = lambda k: lambda rows: stats(rows)[k]  # noqa: E731
     g, o = table["grpo"], table["otc_grpo"]
     return {"table": table,
             "calls_per_solved_reduction": 1 - o["calls_per_solved"] / g["calls_per_solved"],
             "accuracy_difference": o["accuracy"] - g["accuracy"],
-            "ci95_accuracy_difference": paired_bootstrap(evals["grpo"], evals["otc_grpo"], "accuracy"),
+            "ci95_accuracy_difference": paired_bootstrap(evals["grpo"], evals["otc_grpo"], key("accuracy")),
             "ci95_calls_per_solved_difference": paired_bootstrap(evals["grpo"], evals["otc_grpo"],
-                                                                 "calls_per_solved")}
+                                                                 key("calls_per_solved"))}
 
 
 def show(mode: str, c: dict) -> None:
