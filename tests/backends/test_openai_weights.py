@@ -263,14 +263,7 @@ def test_tirl_train_on_the_fleet(fleet, smol_dir, smol_tokenizer, smol_format, t
     run_dir = tmp_path / "run"
     rc = main(["train", *FLEET_CFG, f"backend.openai.base_url=[{urls}]",
                f"backend.openai.weight_dir={tmp_path / 'weights'}", f"model.name={smol_dir}", "model.dtype=float32",
-               "model.lora.enabled=true", "model.lora.target_modules=[q_proj,v_proj]",  # merged weights pushed
-               "rl.optim.lr=1e-3", "rl.optim.warmup_steps=0",
-               # rewards that differ within a group (by length: the untrained model rarely answers right)
-               "task.reward=dapo_overlong", "task.reward_kwargs={max_length: 48, cache_length: 44}",
-               "pipeline.eval_before=false", "pipeline.sft=false", "pipeline.eval_after_sft=false",
-               "pipeline.eval_after=false", "rl.steps=2", "rollout.prompts_per_step=2", "rollout.group_size=2",
-               "rollout.max_turns=2", "rollout.max_new_tokens_per_turn=24", "rollout.max_new_tokens=48",
-               f"run.dir={run_dir}", "run.tensorboard=false"])
+               *TRAIN_2_STEPS, f"run.dir={run_dir}"])
     assert rc == 0
     assert [s.log.resets for s in fleet] == [r + 3 for r in resets]  # 1 at start + 1 per RL step
     assert all(len(s.log.prompts) > n for s, n in zip(fleet, prompts))  # both servers generated rollouts
@@ -279,17 +272,7 @@ def test_tirl_train_on_the_fleet(fleet, smol_dir, smol_tokenizer, smol_format, t
     assert len(rl) == 2 and all(m["gen/weight_updates"] == 1 for m in rl), rl
     assert all(m["gen/requests"] > 0 for m in rl)
 
-    from tirl.backends.hf import HFBackend
-    from tirl.models.loading import load_causal_lm
-
-    final = load_causal_lm(str(run_dir / "models" / "final"), torch.float32, "eager", "cpu")
-    assert _changed_tensors(final, smol_dir) > 0, "RL left the weights as they were: the check below says nothing"
-    local = HFBackend(final, smol_tokenizer, [smol_tokenizer.eos_token_id], max_context=2048)
-    expected = _greedy(local, smol_format)
-    local.close()
-    for remote in _on_each_server(fleet, smol_tokenizer, smol_format):
-        assert remote.token_ids == expected.token_ids
-        assert remote.logprobs == pytest.approx(expected.logprobs, abs=1e-4)
+    _assert_every_server_serves(run_dir / "models" / "final", fleet, smol_dir, smol_tokenizer, smol_format)
 
 
 @pytest.mark.slow
@@ -306,12 +289,7 @@ def test_data_parallel_ranks_push_to_the_fleet_once(fleet, smol_dir, smol_tokeni
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "tirl.cli", "train", *FLEET_CFG, f"backend.openai.base_url=[{urls}]",
            f"backend.openai.weight_dir={tmp_path / 'weights'}", f"model.name={smol_dir}", "model.dtype=float32",
-           "model.lora.enabled=true", "model.lora.target_modules=[q_proj,v_proj]", "rl.optim.lr=1e-3",
-           "task.reward=dapo_overlong", "task.reward_kwargs={max_length: 48, cache_length: 44}",
-           "pipeline.eval_before=false", "pipeline.sft=false", "pipeline.eval_after_sft=false",
-           "pipeline.eval_after=false", "rl.steps=2", "rollout.prompts_per_step=2", "rollout.group_size=2",
-           "rollout.max_turns=2", "rollout.max_new_tokens_per_turn=24", "rollout.max_new_tokens=48",
-           "distributed.strategy=ddp", f"run.dir={run_dir}", "run.tensorboard=false"]
+           *TRAIN_2_STEPS, "distributed.strategy=ddp", f"run.dir={run_dir}"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -319,15 +297,32 @@ def test_data_parallel_ranks_push_to_the_fleet_once(fleet, smol_dir, smol_tokeni
     rl = [m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if m.get("stage") == "rl"]
     assert len(rl) == 2 and all(m["gen/weight_updates"] == 1 for m in rl), rl
 
+    _assert_every_server_serves(run_dir / "models" / "final", fleet, smol_dir, smol_tokenizer, smol_format)
+
+
+TRAIN_2_STEPS = [
+    "model.lora.enabled=true", "model.lora.target_modules=[q_proj,v_proj]",  # merged weights pushed
+    "rl.optim.lr=1e-3", "rl.optim.warmup_steps=0",
+    # rewards that differ within a group (by length: the untrained model rarely answers right)
+    "task.reward=dapo_overlong", "task.reward_kwargs={max_length: 48, cache_length: 44}",
+    "pipeline.eval_before=false", "pipeline.sft=false", "pipeline.eval_after_sft=false", "pipeline.eval_after=false",
+    "rl.steps=2", "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.max_turns=2",
+    "rollout.max_new_tokens_per_turn=24", "rollout.max_new_tokens=48", "run.tensorboard=false"]
+"""Two LoRA RL steps whose rewards vary (what the end-to-end fleet tests train)."""
+
+
+def _assert_every_server_serves(final_dir, fleet, start_dir, tokenizer, fmt) -> None:
+    """The saved model differs from the start (else the check says nothing), and every server's greedy
+    tokens and log-probs are those of a local backend with it."""
     from tirl.backends.hf import HFBackend
     from tirl.models.loading import load_causal_lm
 
-    final = load_causal_lm(str(run_dir / "models" / "final"), torch.float32, "eager", "cpu")
-    assert _changed_tensors(final, smol_dir) > 0
-    local = HFBackend(final, smol_tokenizer, [smol_tokenizer.eos_token_id], max_context=2048)
-    expected = _greedy(local, smol_format)
+    final = load_causal_lm(str(final_dir), torch.float32, "eager", "cpu")
+    assert _changed_tensors(final, start_dir) > 0, "RL left the weights as they were: the check below says nothing"
+    local = HFBackend(final, tokenizer, [tokenizer.eos_token_id], max_context=2048)
+    expected = _greedy(local, fmt)
     local.close()
-    for remote in _on_each_server(fleet, smol_tokenizer, smol_format):
+    for remote in _on_each_server(fleet, tokenizer, fmt):
         assert remote.token_ids == expected.token_ids
         assert remote.logprobs == pytest.approx(expected.logprobs, abs=1e-4)
 

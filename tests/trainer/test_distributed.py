@@ -198,6 +198,19 @@ def straight_run(tiny_model_dir, tmp_path_factory) -> tuple[dict[int, dict], Pat
     return _metrics(tmp / "runs" / "default"), tmp / "runs" / "default" / "models" / "final"
 
 
+def _assert_equals_straight_run(run_dir: Path, straight_run) -> None:
+    """Four RL steps whose metrics equal the single-process run's (1e-4) and a final model within 1e-6."""
+    got = _metrics(run_dir)
+    straight_metrics, straight_final = straight_run
+    assert sorted(got) == [1, 2, 3, 4]
+    for step, want in straight_metrics.items():
+        assert got[step].keys() == want.keys()
+        for k, v in want.items():
+            assert got[step][k] == (pytest.approx(v, rel=1e-4, abs=1e-6) if isinstance(v, float) else v), (step, k)
+    final, want_final = _model(run_dir / "models" / "final"), _model(straight_final)
+    assert max(float((a - b).abs().max()) for a, b in zip(final.parameters(), want_final.parameters())) < 1e-6
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy, first, then", [("ddp", 2, 1), ("fsdp2", 2, 1), ("fsdp2", 1, 2)])
 def test_run_resumes_at_another_world_size(tiny_model_dir, tmp_path, straight_run, strategy, first, then):
@@ -223,15 +236,7 @@ def test_run_resumes_at_another_world_size(tiny_model_dir, tmp_path, straight_ru
                              timeout=300)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resuming the run" in resumed.stdout
-    got = _metrics(tmp_path / "runs" / "default")
-    assert sorted(got) == [1, 2, 3, 4]
-    straight_metrics, straight_final = straight_run
-    for step, want in straight_metrics.items():
-        assert got[step].keys() == want.keys()
-        for k, v in want.items():
-            assert got[step][k] == (pytest.approx(v, rel=1e-4, abs=1e-6) if isinstance(v, float) else v), (step, k)
-    final, want_final = _model(tmp_path / "runs" / "default" / "models" / "final"), _model(straight_final)
-    assert max(float((a - b).abs().max()) for a, b in zip(final.parameters(), want_final.parameters())) < 1e-6
+    _assert_equals_straight_run(tmp_path / "runs" / "default", straight_run)
 
 
 def test_sync_when_no_rank_has_a_gradient():
@@ -249,15 +254,7 @@ def test_ray_launcher_equals_single_process(tiny_model_dir, tmp_path, straight_r
     done = subprocess.run([sys.executable, *args], cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    got = _metrics(tmp_path / "runs" / "default")
-    straight_metrics, straight_final = straight_run
-    assert sorted(got) == [1, 2, 3, 4]
-    for step, want in straight_metrics.items():
-        assert got[step].keys() == want.keys()
-        for k, v in want.items():
-            assert got[step][k] == (pytest.approx(v, rel=1e-4, abs=1e-6) if isinstance(v, float) else v), (step, k)
-    final, want_final = _model(tmp_path / "runs" / "default" / "models" / "final"), _model(straight_final)
-    assert max(float((a - b).abs().max()) for a, b in zip(final.parameters(), want_final.parameters())) < 1e-6
+    _assert_equals_straight_run(tmp_path / "runs" / "default", straight_run)
     assert not list(tmp_path.glob("**/ray_results")) and not (tmp_path / "runs" / "default" / "ray").exists()
 
 
