@@ -3,9 +3,12 @@
 Every tool call, in training and in evaluation, fails with probability `--fault-rate` (0.3) with
 "Error: the calculator service is temporarily unavailable (503); the call did not run, try it again"
 (`rollout.tool_fault_rate`; each trajectory draws from a generator seeded by its problem and sample
-number, so both arms' evaluations meet the same faults as long as they make the same calls). The
-cold-start SFT traces never see an error. From that one SFT checkpoint, with the same seed, data, batch
-and steps, `grpo` trains on the flat groups only; `fission` (`rollout.strategy=fission`: 4 recovery
+number, so both arms' evaluations meet the same faults as long as they make the same calls). In a
+share `--retry` (0.25) of the cold-start SFT traces (96, two epochs) the first call fails with that
+error and is made again (`task.kwargs.retry`): without such traces the cold-started model never calls
+again after a fault (it answers "503", the number in the error), no recovery rollout differs from
+another, and neither arm has anything to learn from (recipes/README.md). From that one SFT
+checkpoint, with the same seed, data, batch and steps, `grpo` trains on the flat groups only; `fission` (`rollout.strategy=fission`: 4 recovery
 groups of 4 per step, sampled from the point where a call failed) trains on those too, which is more
 rollouts per step: the comparison is at equal steps and prompts, not equal compute.
 
@@ -15,7 +18,8 @@ Read from each evaluation (greedy, and temperature 1 with 4 samples per problem)
 - retry rate: share of those that called the tool again after the fault;
 - accuracy overall, and on trajectories that met no fault (should not drop).
 
-    python recipes/ablations/fission_vs_grpo.py [--steps 12] [--seeds 0] [--fault-rate 0.3] [--out runs/fission_vs_grpo]
+    python recipes/ablations/fission_vs_grpo.py [--steps 10] [--seeds 0] [--fault-rate 0.3] [--retry 0.25]
+                                                [--out runs/fission_vs_grpo]
 
 Finished stages are not re-run; prints the tables and paired bootstrap 95% intervals (over problems) of
 fission - grpo, and writes `summary.json`.
@@ -34,6 +38,7 @@ from tirl.tools.toolset import FAULT_MESSAGE
 
 FAULT = "Error: " + FAULT_MESSAGE.format(name="calculator")
 COMMON = ["rollout.max_turns=4", "eval.no_tools=false", "pipeline.eval_before=false"]
+SFT = ["sft.examples=96", "sft.epochs=2"]
 ARMS = {"grpo": [], "fission": ["rollout.strategy=fission", "rollout.fission.group_size=4",
                                 "rollout.fission.max_groups=4"]}
 SAMPLED = ["eval.temperature=1.0", "eval.samples=4"]
@@ -70,17 +75,19 @@ def table(evals: dict) -> dict[str, dict[str, float]]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--fault-rate", type=float, default=0.3)
+    ap.add_argument("--retry", type=float, default=0.25, help="share of SFT traces that show a retry after a fault")
     ap.add_argument("--out", type=Path, default=Path("runs/fission_vs_grpo"))
     ap.add_argument("overrides", nargs="*", help="extra key=value overrides for every stage")
     args = ap.parse_args()
-    common = [*COMMON, f"rollout.tool_fault_rate={args.fault_rate}", *args.overrides]
-    per_seed, summary = {}, {"steps": args.steps, "fault_rate": args.fault_rate, "seeds": {}}
+    common = [*COMMON, f"rollout.tool_fault_rate={args.fault_rate}", f"task.kwargs.retry={args.retry}",
+              *args.overrides]
+    per_seed, summary = {}, {"steps": args.steps, "fault_rate": args.fault_rate, "retry": args.retry, "seeds": {}}
     for seed in args.seeds:
         out, seeded = args.out / f"seed{seed}", [*common, f"run.seed={seed}"]
-        sft = train(out / "sft", [*seeded, "pipeline.rl=false"])
+        sft = train(out / "sft", [*seeded, *SFT, "pipeline.rl=false"])
         models = {"sft": sft / "models" / "sft"}
         for arm, extra in ARMS.items():
             run = train(out / arm, [*seeded, f"model.name={models['sft']}", "pipeline.sft=false",

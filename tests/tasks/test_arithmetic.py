@@ -450,3 +450,20 @@ def test_check_share_of_sft_traces():
     assert 70 < sum(checked) < 130
     assert checked == [len(p.reference_calls) == 2 for p in ArithmeticTask(check=0.5).sft_problems(200)]
     assert all(len(p.reference_calls) == 1 for p in ArithmeticTask(check=0.0).sft_problems(50))
+
+
+def test_retry_share_of_sft_traces_fails_the_first_call_and_makes_it_again():
+    """retry=0.5: about half of the SFT traces list the first call twice, the first marked failed (with
+    check too, the check stays last); ids are call_0, call_1, ...; the same traces every time."""
+    traces = ArithmeticTask(retry=0.5, check=1.0).sft_problems(200)
+    retried = [p for p in traces if p.info.get("failed_calls") == (0,)]
+    assert 70 < len(retried) < 130
+    for p in retried:
+        first, again, check = p.reference_calls
+        assert first.arguments == again.arguments == {"expression": p.info["expression"]}
+        assert [c.id for c in p.reference_calls] == ["call_0", "call_1", "call_2"]
+    assert all(len(p.reference_calls) == 2 for p in traces if p not in retried)
+    assert [p.id for p in retried] == [p.id for p in ArithmeticTask(retry=0.5).sft_problems(200)
+                                       if p.info.get("failed_calls")]
+    with pytest.raises(ValueError, match="retry must be a share between 0 and 1"):
+        ArithmeticTask(retry=2)

@@ -222,3 +222,18 @@ def test_a_run_without_tools_gets_direct_answer_traces(policy):
     assert sum(seq.loss_mask) == len(seq.loss_mask)
     with pytest.raises(ConfigError, match="calls tool 'calculator'.*task.tools"):
         build_sft_data(task, build_toolset(["python"], {}), policy, 1)
+
+
+def test_a_failed_reference_call_shows_the_injected_fault_and_the_recovery(policy):
+    """info["failed_calls"] = (0,) (arithmetic retry=1.0): call, the fault's error (not run, never a
+    target), the same call with its real result, the answer."""
+    from tirl.tools.toolset import FAULT_MESSAGE
+
+    task = TASKS.get("arithmetic")(retry=1.0)
+    [seq] = build_sft_data(task, build_toolset(["calculator"], {}), policy, 1)
+    text = policy.fmt.tokenizer.decode(list(seq.response_ids))
+    trained = policy.fmt.tokenizer.decode([t for t, m in zip(seq.response_ids, seq.loss_mask) if m])
+    problem = task.sft_problems(1)[0]
+    assert text.count("<tool_call>") == 2 and text.count(FAULT_MESSAGE.format(name="calculator")) == 1
+    assert "temporarily unavailable" not in trained and trained.count("<tool_call>") == 2
+    assert text.rstrip().endswith(task.final_answer_text(problem) + "<|im_end|>")

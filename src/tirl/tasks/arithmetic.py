@@ -91,7 +91,7 @@ class ArithmeticTask(Task):
 
     def __init__(self, seed: int = 0, levels: Sequence[int] = DEFAULT_LEVELS, heldout_size: int = 100,
                  sft_ops: Sequence[str] = OPERATORS, max_digits: int = 4, tool: str = "calculator",
-                 check: float = 0.0):
+                 check: float = 0.0, retry: float = 0.0):
         """Validate the configuration; raises ValueError naming the bad keyword argument.
 
         `seed` fixes the train stream only; `levels` are the difficulty levels (from 1-5, default
@@ -103,6 +103,9 @@ class ArithmeticTask(Task):
         check every result with a second call, and that share of the SFT traces do so (computing it
         again: "4821 * 37", then "37 * 4821"; true = 1.0): calls that a tool-efficiency reward (OTC)
         can teach the model to save without losing accuracy, and that plain GRPO has no reason to drop.
+        `retry` > 0: that share of the SFT traces show the first call failing with the injected-fault
+        error of `rollout.tool_fault_rate` and the same call made again: a recovery the cold-started
+        model has seen (error-recovery experiments; without it a small model answers the error's "503").
         """
         if tool not in TOOL_CHOICES:
             raise ValueError(f"tool must be one of {list(TOOL_CHOICES)}, got {tool!r}")
@@ -111,6 +114,9 @@ class ArithmeticTask(Task):
         if not isinstance(check, (int, float)) or not 0.0 <= check <= 1.0:
             raise ValueError(f"check must be a share between 0 and 1 (or true/false), got {check!r}")
         self.check = float(check)
+        if not isinstance(retry, (int, float)) or not 0.0 <= retry <= 1.0:
+            raise ValueError(f"retry must be a share between 0 and 1, got {retry!r}")
+        self.retry = float(retry)
         self.seed = _check_int("seed", seed, lo=None)
         self.levels = _check_choices("levels", levels, LEVELS)
         self.heldout_size = _check_int("heldout_size", heldout_size, lo=1)
@@ -177,7 +183,9 @@ class ArithmeticTask(Task):
             seen.add(generated.question)
             problem = _problem(f"arithmetic/sft/{i}", 1, generated, self.tool)
             checks = self.check > 0 and _rng("arithmetic", "check", i).random() < self.check
-            problems.append(_with_check(problem, self.tool) if checks else problem)
+            problem = _with_check(problem, self.tool) if checks else problem
+            retries = self.retry > 0 and _rng("arithmetic", "retry", i).random() < self.retry
+            problems.append(_with_retry(problem) if retries else problem)
         return problems
 
     def _sft_question(self, rng: random.Random) -> Generated:
@@ -221,6 +229,13 @@ def _with_check(problem: Problem, tool: str) -> Problem:
     else:
         call = ToolCall(id="call_1", name="calculator", arguments={"expression": expression})
     return replace(problem, reference_calls=(*problem.reference_calls, call))
+
+
+def _with_retry(problem: Problem) -> Problem:
+    """The first reference call twice, the first time failing (`info["failed_calls"]`); ids renumbered."""
+    first, *rest = problem.reference_calls
+    calls = tuple(replace(c, id=f"call_{k}") for k, c in enumerate((first, first, *rest)))
+    return replace(problem, reference_calls=calls, info={**problem.info, "failed_calls": (0,)})
 
 
 def evaluate_ascii(expression: str) -> Fraction:

@@ -33,7 +33,9 @@ class Problem:
     reference_calls: tuple[ToolCall, ...] = ()
     """A correct sequence of tool calls (one per turn), used to build SFT traces; may be empty."""
     info: Mapping[str, Any] = field(default_factory=dict)
-    """Task-specific facts (level, template, expression, ...), kept in trajectories' metadata."""
+    """Task-specific facts (level, template, expression, ...), kept in trajectories' metadata.
+    `info["failed_calls"]` (indices into `reference_calls`): calls the SFT trace shows failing with an
+    injected fault (`rollout.tool_fault_rate`'s message) instead of running, so the trace shows a recovery."""
 
 
 class Task(ABC):

@@ -171,7 +171,7 @@ class ToolSet:
         except Exception as e:  # a faulty custom `validate`: still not the caller's crash
             return error_result(call.id, t.name, ToolStatus.EXECUTION_ERROR, describe_exception(e))
         if self._fault_rate and self._faults.random() < self._fault_rate:
-            return error_result(call.id, t.name, ToolStatus.EXECUTION_ERROR, FAULT_MESSAGE.format(name=t.name))
+            return injected_fault(call)
         policy = self._policies[t.name]
         timeout_s = policy.timeout_s or t.timeout_s or default_timeout_s
         semaphore = self._semaphore(t.name)
@@ -205,6 +205,11 @@ class ToolSet:
         if isinstance(outcome, ToolResult):
             return dataclasses.replace(outcome, call_id=call.id, name=t.name)
         return ToolResult(call_id=call.id, name=t.name, content=_to_text(outcome))
+
+
+def injected_fault(call: ToolCall) -> ToolResult:
+    """What a call that an injected fault stopped returns (execution error, `FAULT_MESSAGE`)."""
+    return error_result(call.id, call.name, ToolStatus.EXECUTION_ERROR, FAULT_MESSAGE.format(name=call.name))
 
 
 @dataclasses.dataclass(frozen=True)

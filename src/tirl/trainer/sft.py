@@ -31,6 +31,7 @@ from tirl.config import Config, SFTConfig
 from tirl.errors import ConfigError, ResumeError
 from tirl.tasks.base import Problem, Task
 from tirl.tools import ToolSet
+from tirl.tools.toolset import injected_fault
 from tirl.trainer import distributed
 from tirl.trainer.build import Policy
 from tirl.trainer.display import console
@@ -46,16 +47,19 @@ async def reference_conversation(task: Task, tools: ToolSet, problem: Problem) -
 
     A run without tools (`task.tools=[]` on a task whose problems bring none: the text-only baseline)
     gets the direct answer instead: the tool-free system prompt, no calls. A reference call naming a tool
-    the run does not have is a `ConfigError`."""
+    the run does not have is a `ConfigError`. Calls listed in `problem.info["failed_calls"]` get the
+    injected-fault error instead of running."""
     with_tools = bool(len(tools)) or task.problem_tools
     msgs = [Message("system", task.system_prompt(with_tools)), Message("user", problem.question)]
-    for call in problem.reference_calls if with_tools else ():
+    failed = set(problem.info.get("failed_calls", ()))
+    for i, call in enumerate(problem.reference_calls if with_tools else ()):
         if call.name not in tools and not task.problem_tools:
             raise ConfigError(f"the SFT trace of problem {problem.id!r} calls tool {call.name!r}, which this run "
                               f"does not have (task.tools: {tools.names}); add it, or set task.tools=[] for "
                               "direct-answer traces")
-        result = await tools.execute(call)
-        if not result.ok:
+        if i in failed:  # the trace shows this call failing, then what the model does about it
+            result = injected_fault(call)
+        elif not (result := await tools.execute(call)).ok:
             raise ValueError(f"reference call {call} of problem {problem.id!r} failed: {result.content}")
         msgs += [Message("assistant", "", tool_calls=(call,)),
                  Message("tool", result.content, tool_call_id=call.id, name=call.name)]
