@@ -66,6 +66,21 @@ def test_results_equal_local_calls_errors_included(tool_actors):
                                               ToolStatus.UNKNOWN_TOOL]
 
 
+def test_injected_faults_with_tool_workers_follow_the_local_pattern(tool_actors):
+    """rollout.tool_fault_rate with Ray tool workers (EnvFactory passes the rate and seed to the session):
+    the same calls fail as with local tools, and the others run on the workers."""
+    async def statuses(tools):
+        view = tools.session(0.5, fault_seed=3)
+        try:
+            return [(await view.execute(ToolCall("c", "calculator", {"expression": "2 + 2"}))).status
+                    for _ in range(12)]
+        finally:
+            await view.aclose()
+
+    remote, local = asyncio.run(statuses(ray_toolset(tool_actors))), asyncio.run(statuses(helpers.pid_tools()))
+    assert remote == local and {ToolStatus.OK, ToolStatus.EXECUTION_ERROR} == set(remote)
+
+
 def test_a_tool_env_runs_its_calls_on_the_workers(tool_actors, local_ray):
     env = ToolEnv(Problem("p", "who?", "x"), "Use tools.", ray_toolset(tool_actors).session())
     reply = Message("assistant", '<tool_call>{"name": "whoami", "arguments": {}}</tool_call>')

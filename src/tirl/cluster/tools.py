@@ -173,10 +173,11 @@ class RayToolSet(ToolSet):
         super().__init__([RayTool(s, self.router) for s in specs], {s.name: s.policy for s in specs})
         self.actors = list(actors)
 
-    def session(self) -> ToolSet:
-        """One trajectory's view: all its tools on one worker (picked round-robin), in one session there."""
+    def session(self, fault_rate: float = 0.0, fault_seed: int = 0) -> ToolSet:
+        """One trajectory's view: all its tools on one worker (picked round-robin), in one session there;
+        injected faults (`ToolSet.session`) are decided here, before a call reaches the worker."""
         with self.router.one_session():
-            return super().session()
+            return super().session(fault_rate, fault_seed)
 
     async def shutdown(self) -> None:
         from ray.exceptions import RayActorError
