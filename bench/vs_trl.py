@@ -421,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
         return trl_worker(args.trl_worker)
     if args.only != "tirl":
         check_trl_installed()
-    print(f"model {args.model} ({args.dtype}{f', LoRA r{args.lora}' if args.lora else ''}), {args.prompts} prompts x {args.group_size} samples, "
+    lora = f", LoRA r{args.lora}" if args.lora else ""
+    print(f"model {args.model} ({args.dtype}{lora}), {args.prompts} prompts x {args.group_size} samples, "
           f"<= {args.max_tokens} sampled tokens and {args.max_turns} turns per trajectory, lr {args.lr}, "
           f"{args.steps} steps, {args.threads} threads; medians over steps 2..{args.steps}", flush=True)
     results = {}

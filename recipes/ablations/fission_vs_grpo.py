@@ -8,9 +8,9 @@ share `--retry` (0.25) of the cold-start SFT traces (96, two epochs) the first c
 error and is made again (`task.kwargs.retry`): without such traces the cold-started model never calls
 again after a fault (it answers "503", the number in the error), no recovery rollout differs from
 another, and neither arm has anything to learn from (recipes/README.md). From that one SFT
-checkpoint, with the same seed, data, batch and steps, `grpo` trains on the flat groups only; `fission` (`rollout.strategy=fission`: 4 recovery
-groups of 4 per step, sampled from the point where a call failed) trains on those too, which is more
-rollouts per step: the comparison is at equal steps and prompts, not equal compute.
+checkpoint, with the same seed, data, batch and steps, `grpo` trains on the flat groups only;
+`fission` (`rollout.strategy=fission`: 4 recovery groups of 4 per step, sampled from the point where a
+call failed) trains on those too, which is more rollouts per step: the comparison is at equal steps and prompts, not equal compute.
 
 Read from each evaluation (greedy, and temperature 1 with 4 samples per problem):
 - recovery rate: share of the trajectories that met a fault whose answer is correct (the paper's
@@ -95,8 +95,8 @@ def main() -> int:
             models[arm] = run / "models" / "final"
         greedy = {"sft": problems(sft / "eval" / "sft.jsonl"),
                   **{arm: problems(out / arm / "eval" / "final.jsonl") for arm in ARMS}}
-        sampled = {arm: problems(evaluate(out / f"{arm}_sampled", models[arm], [*seeded, *SAMPLED]) / "eval" / "eval.jsonl")
-                   for arm in ARMS}
+        sampled = {arm: problems(evaluate(out / f"{arm}_sampled", models[arm], [*seeded, *SAMPLED])
+                                 / "eval" / "eval.jsonl") for arm in ARMS}
         summary["seeds"][seed] = {}
         for mode, evals in (("greedy", greedy), ("sampled", sampled)):
             rows = table(evals)

@@ -13,7 +13,8 @@ R_format is the same in both (0 here: the task does not ask for <think>). Every 
 with BFCL's own strict AST checker (`task.reward=bfcl`), not with the reward it was trained on, on the
 same 50 held-out problems, greedy. The paper's claim: the fine-grained reward trains better callers.
 
-    python recipes/ablations/toolrl_fine_vs_coarse.py [--steps 8] [--seeds 0] [--demos 128] [--out runs/toolrl_fine_vs_coarse]
+    python recipes/ablations/toolrl_fine_vs_coarse.py [--steps 8] [--seeds 0] [--demos 128]
+                                                      [--out runs/toolrl_fine_vs_coarse]
 
 Prints BFCL accuracy, tool calls per problem and the share of problems answered with a readable call
 per arm and seed, the paired bootstrap 95% interval of fine - coarse; finished stages are not re-run;

@@ -4,8 +4,9 @@ Both arms run the whole default pipeline (cold-start SFT, GRPO, greedy held-out 
 same seed, data stream, batch, steps and learning settings; they differ only in the tools. The
 `tools` arm is the default (calculator; SFT traces call it). The `no_tools` arm sets `task.tools=[]`:
 its system prompt offers no tool, its SFT traces answer directly (question -> <answer>), and GRPO
-samples text only. Operands have at most three digits (`task.kwargs.max_digits=3`, the fewest the task allows) to give the
-text-only model a chance (with the default four digits it scores 0: README "RL, no tools").
+samples text only. Operands have at most three digits (`task.kwargs.max_digits=3`, the fewest the
+task allows) to give the text-only model a chance (with the default four digits it scores 0: README
+"RL, no tools").
 The claim checked: at equal steps the tool arm ends more accurate (ReTool also reports shorter
 responses; the tokens column shows what happens here).
 

@@ -182,7 +182,8 @@ def test_injected_faults_follow_the_sessions_seeded_generator_and_never_run_the_
     assert set(_statuses(shared, 10)) == {ToolStatus.OK}                        # the shared set: no faults
     assert set(_statuses(shared.session(1.0), 5)) == {ToolStatus.EXECUTION_ERROR}
     result = asyncio.run(shared.session(1.0).execute(call("count", x=1)))
-    assert result.content == "Error: the count service is temporarily unavailable (503); the call did not run, try it again"
+    assert result.content == ("Error: the count service is temporarily unavailable (503); the call did not run, "
+                              "try it again")
     bad = asyncio.run(shared.session(1.0).execute(call("count", x="one")))      # invalid calls fail as before
     assert bad.status == ToolStatus.VALIDATION_ERROR
     with pytest.raises(ValueError, match="fault_rate"):
