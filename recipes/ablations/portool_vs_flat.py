@@ -9,8 +9,6 @@ until it has generated as many (`rl.max_sampled_tokens`; at most 3x the steps), 
 generates fewer tokens per step gets more steps (leaves share the tokens of their common prefix, but
 the tree expands nodes into several candidate children: which way it goes is measured, not assumed).
 The claim checked: at equal generated tokens the tree arm is at least as accurate on the held-out split.
-A third arm, `tree_grpo`, samples the same trees but drops the fork-relative term (omega 0: GRPO over
-the leaves, each shared step trained once): it tells the tree sampling apart from PORTool's advantage.
 
     python recipes/ablations/portool_vs_flat.py [--steps 12] [--seeds 0] [--out runs/portool_vs_flat]
 
@@ -53,10 +51,8 @@ def main() -> int:
         tree = train(out / "tree", [*start, f"rl.steps={args.steps}", *TREE])
         budget = int(rl_metrics(tree)[-1]["gen/tokens_total"])
         flat = train(out / "flat", [*start, f"rl.steps={3 * args.steps}", f"rl.max_sampled_tokens={budget}"])
-        leaves = train(out / "tree_grpo", [*start, f"rl.steps={args.steps}", *TREE,
-                                           "algorithm.advantage_kwargs.omega=0"])
         evals, rows = {}, {}
-        for arm, run in (("tree", tree), ("flat", flat), ("tree_grpo", leaves)):
+        for arm, run in (("tree", tree), ("flat", flat)):
             evals[arm] = problems(run / "eval" / "final.jsonl")
             steps = rl_metrics(run)
             rows[arm] = {"accuracy": accuracy(list(evals[arm].values())), "steps": len(steps),
