@@ -87,7 +87,7 @@ def main() -> int:
     per_seed, summary = {}, {"steps": args.steps, "fault_rate": args.fault_rate, "retry": args.retry, "seeds": {}}
     for seed in args.seeds:
         out, seeded = args.out / f"seed{seed}", [*common, f"run.seed={seed}"]
-        sft = train(out / "sft", [*seeded, *SFT, "pipeline.rl=false"])
+        sft = train(out / "sft", [*SFT, *seeded, "pipeline.rl=false"])  # overrides may change SFT
         models = {"sft": sft / "models" / "sft"}
         for arm, extra in ARMS.items():
             run = train(out / arm, [*seeded, f"model.name={models['sft']}", "pipeline.sft=false",
