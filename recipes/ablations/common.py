@@ -121,3 +121,12 @@ def write_summary(out: Path, summary: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"\nsummary: {out / 'summary.json'}")
+
+
+def finish(out: Path, summary: dict, per_seed: dict[int, dict[str, float]]) -> int:
+    """Mean and t interval over seeds of every per-seed difference, printed and added to `summary`, which is
+    written to `out/summary.json`; the script's exit code."""
+    summary["across_seeds"] = across_seeds(per_seed, list(next(iter(per_seed.values()))))
+    show_seeds(f"over {len(per_seed)} seed(s)", summary["across_seeds"])
+    write_summary(out, summary)
+    return 0

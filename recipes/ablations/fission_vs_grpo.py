@@ -31,8 +31,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from common import (accuracy, across_seeds, evaluate, flat, paired_bootstrap, problems, show_seeds, show_table,
-                    train, write_summary)
+from common import accuracy, evaluate, finish, flat, paired_bootstrap, problems, show_table, train
 
 from tirl.tools.toolset import FAULT_MESSAGE
 
@@ -110,10 +109,7 @@ def main() -> int:
         per_seed[seed] = {f"{mode} {k} fission - grpo": summary["seeds"][seed][mode]["table"]["fission"][k]
                           - summary["seeds"][seed][mode]["table"]["grpo"][k]
                           for mode in ("greedy", "sampled") for k in ("recovery", "accuracy")}
-    summary["across_seeds"] = across_seeds(per_seed, list(next(iter(per_seed.values()))))
-    show_seeds(f"over {len(args.seeds)} seed(s)", summary["across_seeds"])
-    write_summary(args.out, summary)
-    return 0
+    return finish(args.out, summary, per_seed)
 
 
 if __name__ == "__main__":

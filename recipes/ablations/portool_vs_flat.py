@@ -23,7 +23,7 @@ import json
 import sys
 from pathlib import Path
 
-from common import accuracy, across_seeds, paired_bootstrap, problems, show_seeds, show_table, train, write_summary
+from common import accuracy, finish, paired_bootstrap, problems, show_table, train
 
 COMMON = ["eval.no_tools=false", "pipeline.eval_before=false"]
 TREE = ["rollout.strategy=tree", "rollout.tree.branch_factor=2", "algorithm.advantage=portool",
@@ -67,10 +67,7 @@ def main() -> int:
               f"(paired bootstrap 95% CI {lo:+.3f} .. {hi:+.3f})")
         per_seed[seed] = {"accuracy tree - flat": diff}
         summary["seeds"][seed] = {"arms": rows, "budget": budget, "accuracy_difference": diff, "ci95": [lo, hi]}
-    summary["across_seeds"] = across_seeds(per_seed, ["accuracy tree - flat"])
-    show_seeds(f"over {len(args.seeds)} seed(s)", summary["across_seeds"])
-    write_summary(args.out, summary)
-    return 0
+    return finish(args.out, summary, per_seed)
 
 
 if __name__ == "__main__":

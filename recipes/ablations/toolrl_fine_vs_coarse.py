@@ -28,8 +28,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import (accuracy, across_seeds, evaluate, flat, paired_bootstrap, problems, show_seeds, show_table,
-                    tool_calls, train, write_summary)
+from common import accuracy, evaluate, finish, flat, paired_bootstrap, problems, show_table, tool_calls, train
 
 RECIPE = Path(__file__).resolve().parents[1] / "function_calling.yaml"
 COMMON = ["pipeline.eval_before=false", "algorithm.kl_coef=0.001", "algorithm.kl_estimator=k1",
@@ -76,10 +75,7 @@ def main() -> int:
         print(f"fine - coarse: accuracy {diff:+.3f} (paired bootstrap 95% CI {lo:+.3f} .. {hi:+.3f})")
         per_seed[seed] = {"accuracy fine - coarse": diff}
         summary["seeds"][seed] = {"arms": rows, "accuracy_difference": diff, "ci95": [lo, hi]}
-    summary["across_seeds"] = across_seeds(per_seed, ["accuracy fine - coarse"])
-    show_seeds(f"over {len(args.seeds)} seed(s)", summary["across_seeds"])
-    write_summary(args.out, summary)
-    return 0
+    return finish(args.out, summary, per_seed)
 
 
 if __name__ == "__main__":

@@ -23,8 +23,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from common import (accuracy, across_seeds, paired_bootstrap, problems, sampled_tokens, show_seeds, show_table,
-                    tool_calls, train, write_summary)
+from common import accuracy, finish, paired_bootstrap, problems, sampled_tokens, show_table, tool_calls, train
 
 COMMON = ["task.kwargs.max_digits=3", "eval.no_tools=false", "pipeline.eval_before=false"]
 ARMS = {"tools": [], "no_tools": ["task.tools=[]"]}
@@ -57,10 +56,7 @@ def main() -> int:
         per_seed[seed] = {"accuracy tools - no_tools": diff,
                           "tokens tools - no_tools": rows["tools"]["tokens"] - rows["no_tools"]["tokens"]}
         summary["seeds"][seed] = {"arms": rows, "accuracy_difference": diff, "ci95": [lo, hi]}
-    summary["across_seeds"] = across_seeds(per_seed, list(next(iter(per_seed.values()))))
-    show_seeds(f"over {len(args.seeds)} seed(s)", summary["across_seeds"])
-    write_summary(args.out, summary)
-    return 0
+    return finish(args.out, summary, per_seed)
 
 
 if __name__ == "__main__":
